@@ -1,0 +1,151 @@
+"""EngineConfig: the one tree of engine options behind the API, CLI flags and config files.
+
+Every option is a dataclass field documented where it is declared (``metadata["help"]``).
+Field names are unique across sections, so ``LLM(max_num_seqs=8)``, ``--max-num-seqs 8``
+and ``max_num_seqs: 8`` in a YAML file all name the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = _opt(None, "Hugging Face model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct GGUF.")
+    tokenizer: str | None = _opt(None, "Tokenizer directory, if not the model's own.")
+    dtype: str = _opt("auto", "Compute dtype: auto (float32 on CPU, the checkpoint's 16-bit type on CUDA), float32, bfloat16, float16.")
+    max_model_len: int | None = _opt(None, "Maximum prompt + output length; default: the model's context length.")
+    seed: int = _opt(0, "Seed of the engine's shared random generator (requests without their own seed).")
+    chat_template: str | None = _opt(None, "Chat template (a Jinja string or a file path) replacing the model's.")
+    served_model_name: str | None = _opt(None, "Name the model is reported under; default: the model path.")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = _opt(16, "Tokens per KV-cache block.")
+    num_kv_blocks: int | None = _opt(None, "Number of KV-cache blocks; overrides the memory budget.")
+    kv_cache_memory: str | None = _opt(None, "KV-cache memory budget, e.g. '2GiB' or '512MB'.")
+    kv_cache_memory_fraction: float = _opt(0.25, "KV-cache budget as a fraction of available memory, when no size is given.")
+    enable_prefix_caching: bool = _opt(True, "Reuse cached KV blocks of identical prompt prefixes.")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = _opt(256, "Maximum number of requests in one step.")
+    max_num_batched_tokens: int = _opt(2048, "Maximum number of tokens (prefill + decode) in one step.")
+    enable_chunked_prefill: bool = _opt(True, "Split long prompts across steps so decodes keep flowing.")
+    max_waiting_requests: int | None = _opt(None, "Reject new requests past this queue length (None: unbounded).")
+
+
+@dataclass
+class DeviceConfig:
+    device: str = _opt("auto", "cpu, cuda or auto.")
+    attention_backend: str = _opt("torch", "Attention backend plugin name.")
+    num_threads: int | None = _opt(None, "Torch intra-op threads on CPU; default: the number of cores.")
+
+
+@dataclass
+class PluginConfig:
+    plugins_allow: list[str] | None = _opt(None, "Load only these plugins (entry-point names); default: all.")
+    plugins_deny: list[str] = _opt([], "Never load these plugins (entry-point names).")
+    plugins_allow_override: list[str] = _opt([], "Registry names ('kind:name' or 'name') a later plugin may take over from an earlier one.")
+    logits_processors: list[str] = _opt([], "Extra (non built-in) logits-processor plugins to enable.")
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    plugin_config: PluginConfig = field(default_factory=PluginConfig)
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        return {f.name: f.default_factory for f in dataclasses.fields(EngineConfig)}  # type: ignore[misc]
+
+    @staticmethod
+    def option_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+        """Option name -> (section name, field), for every option in the tree."""
+        out: dict[str, tuple[str, dataclasses.Field]] = {}
+        for section, cls in EngineConfig.sections().items():
+            for f in dataclasses.fields(cls):
+                out[f.name] = (section, f)
+        return out
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build a config from flat option names; unknown names are a ValueError."""
+        known = cls.option_fields()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        per_section: dict[str, dict[str, Any]] = {s: {} for s in cls.sections()}
+        for name, value in options.items():
+            per_section[known[name][0]][name] = value
+        config = cls(**{s: cls.sections()[s](**kw) for s, kw in per_section.items()})
+        config.validate()
+        return config
+
+    def to_options(self) -> dict[str, Any]:
+        return {name: getattr(getattr(self, s), name) for name, (s, _) in self.option_fields().items()}
+
+    def validate(self) -> None:
+        c, s = self.cache_config, self.scheduler_config
+
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"engine option {name} {why}, got {self.to_options()[name]!r}")
+
+        check(c.block_size >= 1, "block_size", "must be >= 1")
+        check(c.num_kv_blocks is None or c.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
+        check(0.0 < c.kv_cache_memory_fraction <= 1.0, "kv_cache_memory_fraction", "must be in (0, 1]")
+        if c.kv_cache_memory is not None:
+            parse_size(c.kv_cache_memory)
+        check(s.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(s.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check(self.model_config.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto, float32, bfloat16 or float16")
+        check(self.device_config.device in ("auto", "cpu", "cuda") or self.device_config.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
+        mml = self.model_config.max_model_len
+        check(mml is None or mml >= 1, "max_model_len", "must be >= 1")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML launch file of flat option names; unknown keys are a ValueError naming them."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of option names to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = EngineConfig.option_fields()
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648; a plain integer is bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"engine option kv_cache_memory: cannot read size {text!r} (try '2GiB' or '512MB')")
+    return int(float(num) * _UNITS[unit])

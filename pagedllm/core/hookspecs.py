@@ -1,0 +1,222 @@
+"""The plugin contract: one ``pagedllm_register_<kind>(register)`` hook per plugin kind.
+
+A plugin is a module (or object) named by an entry point in the group
+``pagedllm.plugins``. It implements any of the hooks below with
+``@pagedllm.hookimpl``. Each hook receives a ``register`` callback; the plugin calls
+it once per thing it provides::
+
+    register(name, target, **info)
+
+``name``
+    The registry name users select (``"LlamaForCausalLM"``, ``"torch"``, ``"hermes"``).
+``target``
+    Either a lazy import string ``"package.module:attr"`` (preferred: nothing is
+    imported until the engine needs that name, so listing plugins stays cheap), or the
+    object itself (handy for plugins defined inline in tests).
+``info``
+    Optional keyword metadata shown by ``pagedllm plugins`` (for example
+    ``description="..."``, ``formats=[...]``, ``devices=[...]``).
+
+Registration must be cheap and free of side effects: the hook module should import
+neither torch nor its own implementation. A hook that raises is reported by plugin name
+with its error and that plugin is left out; the engine fails only if a run needs it.
+
+Example: a complete third-party plugin module::
+
+    import pagedllm
+
+    @pagedllm.hookimpl
+    def pagedllm_register_logits_processors(register):
+        register("no_repeat_ngram", "my_package.processors:NoRepeatNGramProcessor")
+
+with, in the package's ``pyproject.toml``::
+
+    [project.entry-points."pagedllm.plugins"]
+    my_plugin = "my_package.plugin"
+
+The hooks, grouped by the phase of a run that uses them: loading a model (models,
+quantization methods), running it (attention backends), choosing tokens (logits
+processors, guided decoding), and reading the output (tool and reasoning parsers).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pluggy
+
+PROJECT_NAME = "pagedllm"
+ENTRY_POINT_GROUP = "pagedllm.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class Register(Protocol):
+    """The callback handed to every registration hook."""
+
+    def __call__(self, name: str, target: object, **info: object) -> None: ...
+
+
+# -- loading a model ------------------------------------------------------------------
+
+
+@hookspec
+def pagedllm_register_models(register: Register) -> None:
+    """Register model architectures.
+
+    ``name`` is a Hugging Face ``architectures`` entry from ``config.json``
+    (``"LlamaForCausalLM"``). ``target`` is an ``nn.Module`` class constructed as
+    ``cls(hf_config, model_config)`` that provides:
+
+    - ``forward(input_ids, positions, batch) -> hidden_states``: ``input_ids`` and
+      ``positions`` are ``[num_tokens]``; ``batch`` is the
+      :class:`~pagedllm.core.attention.AttentionMetadata` of the step, passed down to
+      every attention layer;
+    - ``compute_logits(hidden_states) -> logits``: ``[n, vocab_size]`` in float32;
+    - ``load_weights(weights)``: consumes ``(hf_name, tensor)`` pairs;
+    - ``kv_cache_spec() -> KVCacheSpec``: number of layers, KV heads and head size,
+      declared as data so the core can size the cache without model-specific code.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_models(register):
+            register("LlamaForCausalLM", "pagedllm.plugins.models.llama:LlamaForCausalLM")
+    """
+
+
+@hookspec
+def pagedllm_register_quantization_methods(register: Register) -> None:
+    """Register quantization methods.
+
+    ``name`` is the ``quant_method`` found in ``config.json``'s
+    ``quantization_config`` (``"gptq"``, ``"awq"``) or given by ``--quantization``.
+    ``target`` is a class built from that ``quantization_config`` dict which creates a
+    linear layer's parameters, loads and repacks checkpoint tensors into them, and
+    performs the matmul. Models never branch on the method: their linear layers delegate
+    to it. Useful ``info`` keys: ``formats`` and ``devices`` (shown by
+    ``pagedllm plugins``).
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_quantization_methods(register):
+            register("gptq", "my_quant.gptq:GPTQMethod", devices=["cpu", "cuda"])
+    """
+
+
+# -- running a model ------------------------------------------------------------------
+
+
+@hookspec
+def pagedllm_register_attention_backends(register: Register) -> None:
+    """Register attention backends.
+
+    ``target`` is a class constructed as
+    ``cls(num_heads, head_dim, num_kv_heads, scale)``, with
+    ``forward(q, k, v, kv_cache, batch) -> out`` where ``q`` is
+    ``[num_tokens, num_heads, head_dim]``, ``k``/``v`` are
+    ``[num_tokens, num_kv_heads, head_dim]``, ``kv_cache`` is the layer's
+    ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor and ``batch`` the
+    step's :class:`~pagedllm.core.attention.AttentionMetadata`. It writes the new keys
+    and values into the cache at ``batch.slot_mapping`` and returns
+    ``[num_tokens, num_heads, head_dim]``. The engine picks one by the
+    ``attention_backend`` option.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_attention_backends(register):
+            register("torch", "pagedllm.plugins.backends.torch_attention:TorchAttentionBackend")
+    """
+
+
+# -- choosing tokens ------------------------------------------------------------------
+
+
+@hookspec
+def pagedllm_register_logits_processors(register: Register) -> None:
+    """Register logits processors: the steps of the sampler's pipeline.
+
+    ``target`` is a class with a class attribute ``order`` (int, lower runs first),
+    constructed once per engine as ``cls()``, and called every step as
+    ``processor.apply(logits, state) -> logits`` on the ``[num_requests, vocab_size]``
+    float32 logits of the step with the batched
+    :class:`~pagedllm.core.sampler.SamplingState` (per-request parameters as tensors,
+    prompt and output token ids, the :class:`SamplingParams` list). A processor must
+    leave rows whose requests do not use it unchanged, and must be batched: no Python
+    loop over the vocabulary. Per-request options a third-party processor needs come
+    from ``SamplingParams.extra_args``. Built-in processors are always on; others are
+    enabled by the ``logits_processors`` engine option.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_logits_processors(register):
+            register("no_repeat_ngram", "my_pkg.proc:NoRepeatNGramProcessor")
+    """
+
+
+@hookspec
+def pagedllm_register_guided_decoding_backends(register: Register) -> None:
+    """Register guided-decoding (structured output) backends.
+
+    ``target`` is a class constructed with the tokenizer and vocabulary size; it
+    compiles a request's constraint (JSON schema, regex, choice, EBNF grammar) into a
+    matcher that yields a token bitmask each step and accepts the sampled token. The
+    sampler applies the masks batched, so guided and free requests share a step.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_guided_decoding_backends(register):
+            register("xgrammar", "pagedllm.plugins.backends.xgrammar:XGrammarBackend")
+    """
+
+
+# -- reading the output ---------------------------------------------------------------
+
+
+@hookspec
+def pagedllm_register_tool_parsers(register: Register) -> None:
+    """Register tool-call parsers (``--tool-call-parser NAME``).
+
+    ``target`` is a class constructed with the tokenizer, with
+    ``extract_tool_calls(text, request)`` for finished text and
+    ``extract_tool_calls_streaming(previous_text, current_text, delta_text, ...)`` for
+    streams, returning OpenAI-shaped tool calls or deltas.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_tool_parsers(register):
+            register("hermes", "pagedllm.plugins.parsers.hermes:HermesToolParser")
+    """
+
+
+@hookspec
+def pagedllm_register_reasoning_parsers(register: Register) -> None:
+    """Register reasoning parsers (``--reasoning-parser NAME``).
+
+    ``target`` is a class constructed with the tokenizer that splits model text into
+    ``reasoning_content`` and ``content``, for finished text and for streams.
+
+    Example::
+
+        @hookimpl
+        def pagedllm_register_reasoning_parsers(register):
+            register("deepseek_r1", "pagedllm.plugins.parsers.deepseek_r1:DeepSeekR1ReasoningParser")
+    """
+
+
+#: Plugin kind -> the hook that registers it. The single source for kind names.
+KIND_HOOKS: dict[str, str] = {
+    "model": "pagedllm_register_models",
+    "quantization": "pagedllm_register_quantization_methods",
+    "attention_backend": "pagedllm_register_attention_backends",
+    "logits_processor": "pagedllm_register_logits_processors",
+    "guided_decoding": "pagedllm_register_guided_decoding_backends",
+    "tool_parser": "pagedllm_register_tool_parsers",
+    "reasoning_parser": "pagedllm_register_reasoning_parsers",
+}
