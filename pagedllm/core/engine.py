@@ -1,0 +1,317 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler, runner, sampler and detokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.core.config import EngineConfig, parse_size
+from pagedllm.core.detokenizer import IncrementalDetokenizer
+from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.core.loader import load_model_source
+from pagedllm.core.model_runner import ModelRunner
+from pagedllm.core.model_spec import KVCacheSpec, ModelContext
+from pagedllm.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.core.plugins import PluginManager, build_plugin_manager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.sampler import Sampler, bad_words_to_token_ids, compute_logprobs
+from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Parent:
+    """A user request: one prompt and its ``n`` samples (child requests)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    arrival_time: float
+
+
+class LLMEngine:
+    """The synchronous engine: callers add requests and call ``step()`` until done."""
+
+    def __init__(self, config: EngineConfig, plugins: PluginManager | None = None) -> None:
+        self.config = config
+        self.plugins = plugins or build_plugin_manager(config.plugin_config)
+        mc, cc = config.model_config, config.cache_config
+        if config.device_config.num_threads:
+            torch.set_num_threads(config.device_config.num_threads)
+
+        self.source = load_model_source(mc.model, mc.tokenizer)
+        self.tokenizer = self.source.load_tokenizer()
+        if mc.chat_template:
+            self.tokenizer.chat_template = _read_template(mc.chat_template)
+        hf_config = self.source.hf_config
+        self.hf_config = hf_config
+        self.device = _resolve_device(config.device_config.device)
+        self.dtype = _resolve_dtype(mc.dtype, self.device, self.source.checkpoint_dtype)
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = mc.max_model_len or model_max
+        self.vocab_size = hf_config.vocab_size
+
+        architectures = getattr(hf_config, "architectures", None) or []
+        if not architectures:
+            raise ValueError(f"{self.source.path}: config has no 'architectures' entry to pick a model plugin")
+        model_cls = self.plugins.load("model", architectures[0])
+        backend_cls = self.plugins.load("attention_backend", config.device_config.attention_backend)
+        ctx = ModelContext(self.dtype, self.device, backend_cls, self.max_model_len)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_cls(hf_config, ctx)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        self.model.load_weights(self.source.iter_weights(self.dtype))
+        self.model.eval()
+
+        spec: KVCacheSpec = self.model.kv_cache_spec()
+        num_blocks = self._num_kv_blocks(spec)
+        self.kv_cache = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache, spec, self.dtype, self.device)
+        self.sampler = Sampler(self._logits_processors(), self.vocab_size)
+        self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, self.source.path)
+        self._parents: dict[str, _Parent] = {}
+        torch.manual_seed(mc.seed)  # requests without a seed draw from the global generator
+        logger.info(
+            "pagedllm engine: model=%s arch=%s dtype=%s device=%s kv_blocks=%d x %d tokens backend=%s",
+            self.source.path, architectures[0], self.dtype, self.device, num_blocks, cc.block_size,
+            config.device_config.attention_backend,
+        )
+
+    # -- set-up helpers -----------------------------------------------------------
+
+    def _num_kv_blocks(self, spec: KVCacheSpec) -> int:
+        cc = self.config.cache_config
+        need = -(-self.max_model_len // cc.block_size)
+        if cc.num_kv_blocks is not None:
+            num_blocks = cc.num_kv_blocks
+        else:
+            budget = parse_size(cc.kv_cache_memory) if cc.kv_cache_memory else int(_available_memory(self.device) * cc.kv_cache_memory_fraction)
+            num_blocks = budget // spec.bytes_per_block(cc.block_size, self.dtype)
+        if num_blocks < need:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {cc.block_size} tokens, fewer than one request of "
+                f"max_model_len={self.max_model_len} needs ({need}); raise kv_cache_memory / num_kv_blocks or lower max_model_len"
+            )
+        return num_blocks
+
+    def _logits_processors(self) -> list:
+        names = [e.name for e in self.plugins.entries("logits_processor") if e.is_builtin]
+        names += [n for n in self.config.plugin_config.logits_processors if n not in names]
+        return [self.plugins.load("logits_processor", n)() for n in names]
+
+    # -- requests -----------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Queue a prompt (text or token ids); its ``n`` samples run as separate requests."""
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer(prompt).input_ids
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids outside the vocabulary (size {self.vocab_size}): {bad[:10]}")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which leaves no room to generate")
+        params.validate_for_vocab(self.vocab_size)
+        params._eos_token_ids = set(self.eos_token_ids)
+        if params.bad_words:
+            params._bad_words_token_ids = bad_words_to_token_ids(params.bad_words, self.tokenizer)
+        max_total = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(token_ids) + params.max_tokens)
+
+        children = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.clone()
+            if params.n > 1 and params.seed is not None:
+                child_params.seed = params.seed + i
+            req_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            request = Request(
+                req_id, list(token_ids), child_params, prompt=text,
+                parent_id=request_id if params.n > 1 else None, index=i, max_total_tokens=max_total,
+            )
+            if child_params.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(child_params.seed)
+            if child_params.prompt_logprobs is not None:
+                request.prompt_logprobs = [None] * len(token_ids)
+            request.extra["detokenizer"] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids,
+                skip_special_tokens=child_params.skip_special_tokens,
+                spaces_between_special_tokens=child_params.spaces_between_special_tokens,
+                stop=child_params.stop, include_stop_str_in_output=child_params.include_stop_str_in_output,
+            )
+            children.append(request)
+        self._parents[request_id] = _Parent(request_id, text, list(token_ids), children, time.monotonic())
+        for request in children:
+            self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for request in parent.children:
+            if not request.is_finished:
+                self.scheduler.finish_request(request.req_id, RequestStatus.FINISHED_ABORTED)
+                request.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the step -----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an output for every request that made progress."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty():
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
+            return []
+        model_output = self.runner.execute(batch)
+        self.scheduler.update_after_step(batch)
+
+        for req_id, (logits, targets, first_pos) in model_output.prompt_logits.items():
+            request = self.scheduler.requests[req_id]
+            num_top = request.sampling_params.prompt_logprobs
+            lps = compute_logprobs(logits, targets, num_top)
+            request.prompt_logprobs[first_pos : first_pos + len(lps)] = self._decode_logprobs(lps)
+
+        touched = {r.parent_id or r.req_id for r in batch.requests}
+        if model_output.sampling_requests:
+            sampled = self.sampler.sample(model_output.logits, model_output.sampling_requests)
+            now = time.monotonic()
+            for request, token_id, lp in zip(model_output.sampling_requests, sampled.token_ids, sampled.logprobs):
+                request.output_token_ids.append(token_id)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if lp is not None:
+                    request.output_logprobs.append(self._decode_logprobs([lp])[0])
+                self._check_stop(request, token_id)
+        return [self._make_output(self._parents[p]) for p in touched if p in self._parents]
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        stop_str = request.extra["detokenizer"].append([token_id])
+        reason: str | None = None
+        if request.num_output_tokens > params.min_tokens or params.min_tokens == 0:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                reason = "stop"
+            elif token_id in params.stop_token_ids:
+                reason, request.stop_reason = "stop", token_id
+            elif stop_str is not None:
+                reason, request.stop_reason = "stop", stop_str
+        if reason is None and request.num_tokens >= request.max_total_tokens:
+            reason = "length"
+        if reason is not None:
+            request.finish_reason = reason
+            request.extra["detokenizer"].finish()
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish_request(request.req_id, status)
+
+    def _decode_logprobs(self, positions: list) -> list:
+        for position in positions:
+            for token_id, lp in position.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
+        return positions
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for request in parent.children:
+            lps = request.output_logprobs if request.sampling_params.logprobs is not None else None
+            cumulative = None
+            if lps is not None:
+                cumulative = sum(pos[t].logprob for pos, t in zip(lps, request.output_token_ids))
+            completions.append(CompletionOutput(
+                index=request.index, text=request.extra["detokenizer"].output_text,
+                token_ids=list(request.output_token_ids), cumulative_logprob=cumulative,
+                logprobs=list(lps) if lps is not None else None,
+                finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            ))
+        finished = all(c.finished for c in completions)
+        first = parent.children[0]
+        metrics = RequestMetrics(
+            parent.arrival_time, min((r.first_token_time for r in parent.children if r.first_token_time), default=None),
+            time.monotonic() if finished else None, first.num_cached_tokens,
+        )
+        if finished:
+            del self._parents[parent.request_id]
+        return RequestOutput(
+            parent.request_id, parent.prompt, parent.prompt_token_ids, completions, finished,
+            prompt_logprobs=list(first.prompt_logprobs) if first.sampling_params.prompt_logprobs is not None else None,
+            metrics=metrics, num_cached_tokens=first.num_cached_tokens,
+        )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        # CPUs without bf16/fp16 matmul units (AVX2 only) run 16-bit far slower than fp32.
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _eos_token_ids(hf_config, tokenizer, path) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
+    if gen_config and os.path.exists(gen_config):
+        import json
+
+        value = json.load(open(gen_config)).get("eos_token_id")
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
+
+
+def _read_template(value: str) -> str:
+    return open(value).read() if os.path.isfile(value) else value

@@ -1,0 +1,156 @@
+"""The Llama family (Llama, Mistral, Qwen2, SmolLM): decoder-only, RoPE, GQA, SwiGLU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.core.attention import AttentionMetadata
+from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from pagedllm.core.model_spec import KVCacheSpec, ModelContext
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, ctx: ModelContext) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(config)
+        # Qwen2 has q/k/v biases; Llama's are optional (attention_bias).
+        qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_model_len)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, ctx.attention_backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k = self.rotary_emb(
+            positions,
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+        )
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, batch)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama plugin (only silu)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, ctx: ModelContext) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, ctx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), batch)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, ctx: ModelContext) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ctx) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer in self.layers:
+            hidden = layer(positions, hidden, batch)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    # Hugging Face name fragment -> (our merged parameter, shard index).
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", 0),
+        ".k_proj.": (".qkv_proj.", 1),
+        ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, config, ctx: ModelContext) -> None:
+        super().__init__()
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True) and window < ctx.max_model_len:
+            raise ValueError(
+                f"this model uses sliding-window attention (window {window}); pass max_model_len <= {window} "
+                "(sliding-window attention is not implemented yet)"
+            )
+        self.config = config
+        self.model = LlamaModel(config, ctx)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        return KVCacheSpec(c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, _head_dim(c))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()  # [n, vocab_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            for hf_part, (ours, shard) in self.stacked_params.items():
+                if hf_part in name:
+                    merged = name.replace(hf_part, ours)
+                    module_name, param_name = merged.rsplit(".", 1)
+                    if merged not in params:
+                        raise ValueError(f"checkpoint tensor {name} has no place in the model")
+                    modules[module_name].load_shard(param_name, shard, tensor)
+                    loaded.add(f"{merged}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name} has no place in the model")
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+                param.data.copy_(tensor)
+                loaded.add(name)
+        expected = set()
+        for pname in params:
+            module_name = pname.rsplit(".", 1)[0]
+            module = modules[module_name]
+            if isinstance(module, MergedLinear):
+                expected.update(f"{pname}#{i}" for i in range(len(module.output_sizes)))
+            else:
+                expected.add(pname)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
