@@ -81,6 +81,10 @@ def test_prefix_match_follows_the_hash_chain():
     # Same first block, different second block: only the first matches.
     assert manager.match_prefix("c", [1, 2, 3, 4, 0, 6, 7, 8, 9]) == 4
     assert manager.block_table("c") == [0]
+    # Both blocks are cached, but not one after the other: only the first matches.
+    prefill(manager, "d", [0, 0, 0, 0, 9, 9, 9, 9, 9])
+    assert manager.match_prefix("e", [0, 0, 0, 0, 5, 6, 7, 8, 9]) == 4
+    assert manager.block_table("e") == manager.block_table("d")[:1]
 
 
 def test_identical_blocks_are_cached_once():
@@ -226,8 +230,9 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=is_caching)
         self.token_ids: dict[str, list[int]] = {}
         self.num_computed: dict[str, int] = {}
-        # What the model runner has written into each block (None: never written).
-        self.contents = [[None] * block_size for _ in range(num_blocks)]
+        # What the model runner has written into each slot of each block: the tokens up to
+        # and including that position, since a position's K/V depends on its whole prefix.
+        self.contents: list[list[tuple[int, ...] | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.next_req = 0
 
     def _new_req_id(self) -> str:
@@ -242,8 +247,9 @@ class KVCacheMachine(RuleBasedStateMachine):
         bs = self.manager.block_size
         table = self.manager.block_table(req_id)
         assert len(table) * bs == num_hit_tokens
+        token_ids = self.token_ids[req_id]
         for i, block_id in enumerate(table):
-            assert self.contents[block_id] == self.token_ids[req_id][i * bs : (i + 1) * bs]
+            assert self.contents[block_id] == [tuple(token_ids[: pos + 1]) for pos in range(i * bs, (i + 1) * bs)]
 
     @rule(prompt=st.lists(token_st, min_size=1, max_size=10))
     def add_request(self, prompt: list[int]) -> None:
@@ -284,7 +290,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         for pos in range(num_computed, num_computed + num_new):
             block_id = table[pos // self.manager.block_size]
             assert self.manager.block_pool.ref_count(block_id) == 1, "wrote into a shared block"
-            self.contents[block_id][pos % self.manager.block_size] = token_ids[pos]
+            self.contents[block_id][pos % self.manager.block_size] = tuple(token_ids[: pos + 1])
         self.num_computed[req_id] += num_new
         if self.num_computed[req_id] == len(token_ids):
             token_ids.append(data.draw(token_st))  # the sampled token
@@ -358,7 +364,9 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert not hashed
         for block in hashed:
             assert pool.cached_block_ids[block.block_hash] == block.block_id
-            assert self.contents[block.block_id] == list(block.block_hash.token_ids)
+            slots = self.contents[block.block_id]
+            assert tuple(slot[-1] for slot in slots) == block.block_hash.token_ids
+            assert all(slot[:-1] == slots[-1][: len(slot) - 1] for slot in slots)
 
     def teardown(self) -> None:
         if not hasattr(self, "manager"):

@@ -133,11 +133,11 @@ def test_greedy_row_ignores_truncation_params():
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_matches_softmax_of_scaled_logits(temperature):
     row = [1.0, 0.5, 0.0, -1.0]
-    counts = draw(row, num_draws=20000, temperature=temperature)
+    counts = draw(row, num_draws=10000, temperature=temperature)
     expected = torch.softmax(torch.tensor(row) / temperature, dim=-1)
     unscaled = torch.softmax(torch.tensor(row), dim=-1)
     for token_id in range(len(row)):
-        assert counts[token_id] / 20000 == pytest.approx(expected[token_id].item(), abs=0.015)
+        assert counts[token_id] / 10000 == pytest.approx(expected[token_id].item(), abs=0.02)  # ~4 sigma
     # The temperature really matters at this tolerance.
     assert (expected - unscaled).abs().max() > 0.05
 
@@ -323,8 +323,9 @@ def test_sampled_token_is_always_a_kept_token(rows, logits_seed):
         assert torch.isfinite(processed[i, token_id])
         if row["temperature"] == 0.0:
             assert token_id == logits[i].argmax().item()
-        if row["top_k"]:
-            assert torch.isfinite(processed[i]).sum() >= min(row["top_k"], VOCAB) or row["top_p"] < 1 or row["min_p"] > 0
+            assert torch.equal(processed[i], logits[i])  # truncation skips greedy rows
+        elif row["top_k"]:
+            assert torch.isfinite(processed[i]).sum() <= row["top_k"]
 
 
 # -- seeded reproducibility -----------------------------------------------------------
@@ -375,7 +376,7 @@ def test_compute_logprobs_matches_log_softmax_with_ranks():
         for tid, logprob in position.items():
             assert logprob.logprob == pytest.approx(reference[i, tid].item(), abs=1e-6)
             assert logprob.rank == (order[i] == tid).nonzero().item() + 1
-    assert list(positions[1]) [0] == token_ids[1]  # the given token comes first
+    assert list(positions[1])[0] == token_ids[1]  # the given token comes first
     assert compute_logprobs(logits, torch.tensor(token_ids), num_top=0)[2] == {token_ids[2]: positions[2][token_ids[2]]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -138,17 +139,13 @@ class IncrementalDetokenizer:
         self.is_finished = False
         self._num_sent = 0  # characters of output_text handed out by get_delta
         self._max_stop_len = max(map(len, self.stop), default=0)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            self._decode_all = lambda ids: backend.decode(ids, skip_special_tokens=False)
-            decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)  # noqa: E731
-        else:
-            self._decode_all = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-            decode = lambda ids: tokenizer.decode(  # noqa: E731
-                ids,
-                skip_special_tokens=skip_special_tokens,
-                spaces_between_special_tokens=spaces_between_special_tokens,
-            )
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a tokenizers.Tokenizer if fast
+        decode_kwargs = {"skip_special_tokens": skip_special_tokens}
+        if backend is None:  # only slow tokenizers know spaces_between_special_tokens
+            decode_kwargs["spaces_between_special_tokens"] = spaces_between_special_tokens
+        decoding = tokenizer if backend is None else backend
+        decode = functools.partial(decoding.decode, **decode_kwargs)
+        self._decode_all = functools.partial(decoding.decode, skip_special_tokens=False)
         context_ids = _prompt_context(decode, prompt_token_ids)
         if backend is not None and DecodeStream is not None:
             self._decoder: _StreamDecoder | _WindowDecoder = _StreamDecoder(

@@ -110,7 +110,7 @@ class LLMEngine:
         return num_blocks
 
     def _logits_processors(self) -> list:
-        names = [e.name for e in self.plugins.entries("logits_processor") if e.is_builtin]
+        names = list(self.plugins.builtin_names("logits_processor"))
         names += [n for n in self.config.plugin_config.logits_processors if n not in names]
         return [self.plugins.load("logits_processor", n)() for n in names]
 

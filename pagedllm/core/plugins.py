@@ -155,6 +155,8 @@ class PluginManager:
             for kind, hook_name in KIND_HOOKS.items():
                 for impl in getattr(self.hooks.hook, hook_name).get_hookimpls():
                     if impl.plugin_name == name:
+                        if impl.hookwrapper or impl.wrapper:
+                            raise ValueError(f"{hook_name} cannot be a hook wrapper")
                         register = self._register_callback(kind, name, package, version, added)
                         impl.function(**{arg: register for arg in impl.argnames})
         except Exception as exc:
@@ -185,8 +187,8 @@ class PluginManager:
         for caller in self.hooks.get_hookcallers(obj) or []:
             if caller.name not in known:
                 close = difflib.get_close_matches(caller.name, known, n=1)
-                did_you_mean = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ValueError(f"unknown hook '{caller.name}'{did_you_mean}; pagedllm hooks are: {', '.join(known)}")
+                hint = f"did you mean '{close[0]}'?" if close else f"pagedllm hooks are: {', '.join(known)}"
+                raise ValueError(f"unknown hook '{caller.name}'; {hint}")
         for attr in dir(obj):
             if attr.startswith("pagedllm_") and self.hooks.parse_hookimpl_opts(obj, attr) is None:
                 value = getattr(obj, attr, None)
@@ -197,6 +199,7 @@ class PluginManager:
     def _error(self, name: str, package: str | None, version: str | None, exc: Exception | str,
                kind: str | None = None) -> PluginError:
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        text = " ".join(text.split())  # one line in listings (pluggy's messages span several)
         if kind is not None:
             text = f"in {KIND_HOOKS[kind]}: {text}"
         return PluginError(name, package, version, text, kind)
@@ -229,6 +232,10 @@ class PluginManager:
 
     def names(self, kind: str) -> list[str]:
         return self._registry(kind).names()
+
+    def builtin_names(self, kind: str) -> list[str]:
+        """Names a built-in plugin registered, including those a third party took over."""
+        return self._registry(kind).builtin_names()
 
     def entries(self, kind: str | None = None) -> list[PluginEntry]:
         """Registered entries (of one kind or all), by kind then name."""

@@ -132,6 +132,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._claims)
 
+    def builtin_names(self) -> list[str]:
+        return [n for n in self.names() if any(e.is_builtin for e in self._claims[n])]
+
     def entries(self) -> list[PluginEntry]:
         """The winning entry of each name; every claimant of a conflicted name."""
         out: list[PluginEntry] = []

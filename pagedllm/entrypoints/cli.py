@@ -41,7 +41,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="Per-request sampling seed.")
+    group.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None, help="Per-request sampling seed.")
     group.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
 
 

@@ -1,5 +1,6 @@
-"""pagedllm's test kit for plugin authors: a pytest plugin (``pagedllm.testing.plugin``) and helpers."""
+"""pagedllm's test kit, shipped in the wheel for built-in and third-party plugin tests.
 
-from pagedllm.testing.plugin import make_plugin_manager
-
-__all__ = ["make_plugin_manager"]
+- ``pagedllm.testing.plugin``: the pytest plugin (fixture ``plugin_manager_factory``) and
+  ``make_plugin_manager``, the same thing as a plain function.
+- ``pagedllm.testing.tiny``: tiny random Hugging Face checkpoints.
+"""

@@ -167,16 +167,19 @@ def load_gguf_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
     if not tokenizer.chat_template and chat_template:
         tokenizer.chat_template = chat_template
+    staging = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
         tokenizer.save_pretrained(str(staging))
         (staging / "source.txt").write_text(key + "\n")
-        try:
-            os.rename(staging, cached)  # atomic: readers see all of it or nothing
-        except OSError:  # another process won the race; its entry is equivalent
-            shutil.rmtree(staging, ignore_errors=True)
-        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        os.rename(staging, cached)  # atomic: readers see all of it or nothing
+        staging = None
     except OSError as error:
-        logger.warning("could not cache the GGUF tokenizer under %s: %s", cached.parent, error)
-        return tokenizer
+        if not (cached / "tokenizer_config.json").is_file():  # not just a lost race with another process
+            logger.warning("could not cache the GGUF tokenizer under %s: %s", cached.parent, error)
+            return tokenizer
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
