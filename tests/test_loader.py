@@ -54,8 +54,7 @@ def test_hf_directory_yields_the_state_dict(tmp_path, tiny_llama, layout):
     else:
         tiny_llama.save_pretrained(tmp_path, **({"max_shard_size": "100KB"} if layout == "sharded" else {}))
     if layout == "sharded":
-        assert (tmp_path / "model.safetensors.index.json").is_file()
-        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+        assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*"))) > 1
 
     source = load_model_source(str(tmp_path))
 
@@ -128,6 +127,7 @@ def close_gguf(writer: gguf.GGUFWriter, path: Path) -> Path:
     "arch, model_class, config_class",
     [(gguf.MODEL_ARCH.LLAMA, LlamaForCausalLM, LlamaConfig), (gguf.MODEL_ARCH.QWEN2, Qwen2ForCausalLM, Qwen2Config),
      (gguf.MODEL_ARCH.QWEN3, Qwen3ForCausalLM, Qwen3Config)],  # qwen3: head_dim 128 from key_length, q/k norms
+    ids=["llama", "qwen2", "qwen3"],
 )
 def test_small_gguf_matches_transformers(tmp_path, arch, model_class, config_class):
     torch.manual_seed(0)
@@ -242,9 +242,7 @@ def test_gguf_tokenizer_matches_transformers_and_is_cached(tmp_path, monkeypatch
     first = source.load_tokenizer()
     started = time.perf_counter()
     second = load_model_source(str(path)).load_tokenizer()
-    seconds = time.perf_counter() - started
-
-    assert seconds < 5, "the second load should come from the cache"
+    assert time.perf_counter() - started < 5, "the second load should come from the cache"
     assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
     messages = [{"role": "user", "content": "What is 2+2?"}]
     for tokenizer in (first, second):
@@ -273,6 +271,7 @@ def test_bad_model_paths_raise_clear_errors(tmp_path):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / "two" / name).write_bytes(b"GGUF")
     (tmp_path / "fake.gguf").write_bytes(b"not really a gguf file")
+    (tmp_path / "cut.gguf").write_bytes(embedded_model_path().read_bytes()[:100_000])
     LlamaConfig(**TINY).save_pretrained(tmp_path / "noweights")
     cases = {
         str(tmp_path / "missing"): "does not exist.*config.json.*gguf",
@@ -281,6 +280,7 @@ def test_bad_model_paths_raise_clear_errors(tmp_path):
         tmp_path / "empty": "neither config.json nor a .gguf",
         tmp_path / "two": "several .gguf files",
         tmp_path / "fake.gguf": "not a GGUF file",
+        tmp_path / "cut.gguf": "truncated",
         tmp_path / "noweights": "no weights",
     }
     for model, match in cases.items():

@@ -69,6 +69,14 @@ class GGUFFile:
             raise ValueError(f"{path} is GGUF version {version}; only little-endian versions 2 and 3 are supported.")
         self.metadata: dict[str, Any] = {}  # long arrays (vocabulary, merges) are left out ...
         self.array_lengths: dict[str, int] = {}  # ... but every array's length is kept here
+        try:
+            self.tensors = self._parse(num_tensors, num_fields)
+        except (struct.error, UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"{path} is a truncated or corrupt GGUF file: {error}") from error
+        if self.tensors and max(t.offset + t.num_bytes for t in self.tensors) > len(self._blob):
+            raise ValueError(f"{path} is a truncated GGUF file: its tensor data runs past the end of the file.")
+
+    def _parse(self, num_tensors: int, num_fields: int) -> list[GGUFTensorInfo]:
         self._pos = 24
         for _ in range(num_fields):
             key = self._read_string()
@@ -77,7 +85,7 @@ class GGUFFile:
             if value is not None:
                 self.metadata[key] = value
         if self.metadata.get("split.count", 1) > 1:
-            raise ValueError(f"{path} is one part of a split GGUF; merge it with llama-gguf-split --merge first.")
+            raise ValueError("it is one part of a split GGUF; merge the parts with llama-gguf-split --merge first")
         entries = []
         for _ in range(num_tensors):
             name = self._read_string()
@@ -87,7 +95,7 @@ class GGUFFile:
             entries.append((name, tuple(reversed(dims)), ggml_type, offset))
         alignment = self.metadata.get("general.alignment", 32)
         data_start = (self._pos + alignment - 1) // alignment * alignment
-        self.tensors = [self._tensor_info(*entry, data_start) for entry in entries]
+        return [self._tensor_info(*entry, data_start) for entry in entries]
 
     def __getstate__(self) -> dict:  # pickled for a worker process: send the path, not the mapped bytes
         return {**self.__dict__, "_blob": None}
@@ -114,7 +122,7 @@ class GGUFFile:
         if value_type == _STRING:
             return self._read_string()
         if value_type != _ARRAY:
-            raise ValueError(f"{self.path}: metadata {key!r} has unknown value type {value_type}.")
+            raise ValueError(f"metadata {key!r} has unknown value type {value_type}")
         element_type, count = self._unpack("<IQ")
         self.array_lengths[key] = count
         keep = count <= _MAX_KEPT_ARRAY
@@ -124,7 +132,7 @@ class GGUFFile:
             self._pos += count * dtype.itemsize
             return values
         if element_type != _STRING:
-            raise ValueError(f"{self.path}: metadata {key!r} is an array of type {element_type}, not supported.")
+            raise ValueError(f"metadata {key!r} is an array of type {element_type}, which is not supported")
         if keep:
             return [self._read_string() for _ in range(count)]
         for _ in range(count):
@@ -136,7 +144,7 @@ class GGUFFile:
         try:
             qtype = GGMLQuantizationType(ggml_type)
         except ValueError:
-            raise ValueError(f"{self.path}: tensor {name} has unknown ggml type {ggml_type}.") from None
+            raise ValueError(f"tensor {name} has unknown ggml type {ggml_type}") from None
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         num_bytes = int(np.prod(shape, dtype=np.int64)) // block_size * type_size
         return GGUFTensorInfo(name, shape, qtype, data_start + offset, num_bytes)
@@ -257,6 +265,7 @@ class GGUFModelSource(ModelSource):
         return load_gguf_tokenizer(self.path, self.cache_dir, self.gguf.metadata.get("tokenizer.chat_template"))
 
     def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Dequantized (float32, then `dtype`) weights; no `lm_head.weight` when the embedding is tied."""
         config = self.hf_config
         permuted = SUPPORTED_ARCHITECTURES[self.gguf.metadata["general.architecture"]][2]
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}

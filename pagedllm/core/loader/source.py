@@ -111,8 +111,9 @@ def load_model_source(
 
 def _existing(path: Path, what: str) -> Path:
     if not path.exists():
+        expected = _EXPECTED if what == "model" else "a directory with tokenizer files or a .gguf file"
         raise ValueError(
-            f"{what} path {str(path)!r} does not exist; expected {_EXPECTED} on local disk "
+            f"{what} path {str(path)!r} does not exist; expected {expected} on local disk "
             f"(pagedllm does not download from a model hub)."
         )
     return path
