@@ -35,7 +35,7 @@ class CacheConfig:
     block_size: int = _opt(16, "Tokens per KV-cache block.")
     num_kv_blocks: int | None = _opt(None, "Number of KV-cache blocks; overrides the memory budget.")
     kv_cache_memory: str | None = _opt(None, "KV-cache memory budget, e.g. '2GiB' or '512MB'.")
-    kv_cache_memory_fraction: float = _opt(0.25, "KV-cache budget as a fraction of available memory, when no size is given.")
+    kv_cache_memory_fraction: float = _opt(0.1, "KV-cache budget as a fraction of available memory (after loading the model), when no size is given.")
     enable_prefix_caching: bool = _opt(True, "Reuse cached KV blocks of identical prompt prefixes.")
 
 
