@@ -185,6 +185,7 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for every request that made progress."""
         batch = self.scheduler.schedule()

@@ -147,7 +147,9 @@ def pagedllm_register_logits_processors(register: Register) -> None:
     prompt and output token ids, the :class:`SamplingParams` list). A processor must
     leave rows whose requests do not use it unchanged, and must be batched: no Python
     loop over the vocabulary. Per-request options a third-party processor needs come
-    from ``SamplingParams.extra_args``. Built-in processors are always on; others are
+    from ``SamplingParams.extra_args``. ``apply`` returns new logits (or its input when
+    no row uses it) and never modifies its input in place: the raw logits also feed the
+    returned logprobs. Built-in processors are always on; others are
     enabled by the ``logits_processors`` engine option.
 
     Example::

@@ -36,6 +36,7 @@ class NoRepeatNGramProcessor:
         if rows:
             row_index = torch.cat([torch.full_like(t, r) for r, t in zip(rows, token_ids)])
             col_index = torch.cat(token_ids)
+            logits = logits.clone()  # processors never modify their input: it also feeds the logprobs
             logits[row_index.to(logits.device), col_index.to(logits.device)] = float("-inf")
         return logits
 
