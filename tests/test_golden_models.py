@@ -58,9 +58,11 @@ def _check(outputs, expected):
         assert ours == pytest.approx(logprobs, abs=1e-4)
 
 
-def test_greedy_matches_transformers_with_chunked_prefill_and_prefix_hits(tiny):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_greedy_matches_transformers_with_chunked_prefill_and_prefix_hits(tiny, backend):
     path, prompts, expected = tiny
-    llm = LLM(str(path), block_size=8, max_num_batched_tokens=48, max_num_seqs=8, num_kv_blocks=256, max_model_len=512)
+    llm = LLM(str(path), block_size=8, max_num_batched_tokens=48, max_num_seqs=8, num_kv_blocks=256, max_model_len=512,
+              attention_backend=backend)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
     first = llm.generate(prompts, params)
     _check(first, expected)

@@ -50,7 +50,7 @@ class SchedulerConfig:
 @dataclass
 class DeviceConfig:
     device: str = _opt("auto", "cpu, cuda or auto.")
-    attention_backend: str = _opt("torch", "Attention backend plugin name.")
+    attention_backend: str = _opt("auto", "Attention backend plugin name; auto: 'cpu' on CPU, 'torch' elsewhere.")
     num_threads: int | None = _opt(None, "Torch intra-op threads on CPU; default: the number of cores.")
 
 

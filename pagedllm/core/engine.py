@@ -65,7 +65,11 @@ class LLMEngine:
         if not architectures:
             raise ValueError(f"{self.source.path}: config has no 'architectures' entry to pick a model plugin")
         model_cls = self.plugins.load("model", architectures[0])
-        backend_cls = self.plugins.load("attention_backend", config.device_config.attention_backend)
+        backend_name = config.device_config.attention_backend
+        if backend_name == "auto":
+            backend_name = "cpu" if self.device.type == "cpu" else "torch"
+        self.attention_backend = backend_name
+        backend_cls = self.plugins.load("attention_backend", backend_name)
         ctx = ModelContext(self.dtype, self.device, backend_cls, self.max_model_len)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -89,7 +93,7 @@ class LLMEngine:
         logger.info(
             "pagedllm engine: model=%s arch=%s dtype=%s device=%s kv_blocks=%d x %d tokens backend=%s",
             self.source.path, architectures[0], self.dtype, self.device, num_blocks, cc.block_size,
-            config.device_config.attention_backend,
+            backend_name,
         )
 
     # -- set-up helpers -----------------------------------------------------------

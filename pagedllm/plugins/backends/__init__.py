@@ -10,3 +10,8 @@ def pagedllm_register_attention_backends(register):
         "pagedllm.plugins.backends.torch_attention:TorchAttentionBackend",
         description="reference backend on torch scaled_dot_product_attention; CPU and CUDA",
     )
+    register(
+        "cpu",
+        "pagedllm.plugins.backends.cpu_attention:CpuAttentionBackend",
+        description="CPU: decodes read the paged cache in place (C++ kernel, float32), prefill as torch",
+    )
