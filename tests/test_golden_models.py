@@ -43,9 +43,22 @@ def _hf_greedy(model_dir, prompts):
     return results
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+VARIANTS = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    # RoPE scaling variants as Llama 3.1 and long-context Qwen2 configs declare them.
+    "llama-rope-llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),
+    "qwen2-rope-yarn": ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 256}}),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    arch, overrides = VARIANTS[request.param]
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), arch, **overrides)
     prompts = _prompts()
     return path, prompts, _hf_greedy(path, prompts)
 
