@@ -76,6 +76,7 @@ def main() -> None:
     run_pagedllm(llm, prompts[:2], 4)  # warm-up
     ours = [run_pagedllm(llm, prompts, args.output_len) for _ in range(args.repeats)]
     ours_s = statistics.median(ours)
+    print(f"pagedllm: {ours_s:.1f} s, {total_out / ours_s:.1f} output tok/s (backend {llm.engine.attention_backend})", flush=True)
     del llm
 
     import transformers
