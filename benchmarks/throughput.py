@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--repeats", type=int, default=1, help="repetitions of the pagedllm run (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true", help="measure pagedllm only (quick iterations)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
@@ -78,6 +79,8 @@ def main() -> None:
     ours_s = statistics.median(ours)
     print(f"pagedllm: {ours_s:.1f} s, {total_out / ours_s:.1f} output tok/s (backend {llm.engine.attention_backend})", flush=True)
     del llm
+    if args.skip_transformers:
+        return
 
     import transformers
 

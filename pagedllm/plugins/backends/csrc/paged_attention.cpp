@@ -9,7 +9,88 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+namespace {
+
+// exp(x) for x <= 0, vectorisable (std::exp is a scalar call here): 2^(x log2 e) as
+// 2^integer (exponent bits) times a degree-6 polynomial of 2^fraction; relative error
+// about 2e-7, below float32 rounding of the softmax that follows.
+inline float fast_exp(float x) {
+  x = std::max(x, -87.f);
+  const float t = x * 1.44269504088896341f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// One (request, kv head) work item. HEAD_DIM > 0 is a compile-time head size (the loops
+// unroll and vectorise); 0 means "use head_dim".
+template <int HEAD_DIM>
+void attend_one(const float* __restrict__ queries, const float* __restrict__ k, const float* __restrict__ v,
+                const int64_t* __restrict__ table, int64_t len, int64_t group, int64_t head_dim_rt,
+                int64_t block_size, int64_t pos_stride, int64_t block_stride, float scale,
+                float* __restrict__ scores, float* __restrict__ acc, float* __restrict__ out) {
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
+  // Walk the block table block by block (no division per position).
+  for (int64_t start = 0; start < len; start += block_size) {
+    const float* __restrict__ block = k + table[start / block_size] * block_stride;
+    const int64_t count = std::min(block_size, len - start);
+    for (int64_t i = 0; i < count; ++i) {
+      const float* __restrict__ key = block + i * pos_stride;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* __restrict__ qg = queries + g * head_dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * key[d];
+        scores[g * len + start + i] = dot * scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* __restrict__ s = scores + g * len;
+    float max_score = s[0];
+    for (int64_t pos = 1; pos < len; ++pos) max_score = std::max(max_score, s[pos]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t pos = 0; pos < len; ++pos) {
+      s[pos] = fast_exp(s[pos] - max_score);
+      total += s[pos];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
+  }
+  std::fill(acc, acc + group * head_dim, 0.f);
+  for (int64_t start = 0; start < len; start += block_size) {
+    const float* __restrict__ block = v + table[start / block_size] * block_stride;
+    const int64_t count = std::min(block_size, len - start);
+    for (int64_t i = 0; i < count; ++i) {
+      const float* __restrict__ value = block + i * pos_stride;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * len + start + i];
+        float* __restrict__ a = acc + g * head_dim;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
+      }
+    }
+  }
+  std::copy(acc, acc + group * head_dim, out);
+}
+
+}  // namespace
 
 torch::Tensor paged_decode_attention(
     torch::Tensor query,         // [num_reqs, num_heads, head_dim] float32
@@ -20,6 +101,7 @@ torch::Tensor paged_decode_attention(
     double scale) {
   TORCH_CHECK(query.scalar_type() == torch::kFloat32 && key_cache.scalar_type() == torch::kFloat32,
               "paged_decode_attention: float32 only");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "paged_decode_attention: contiguous caches only");
   query = query.contiguous();
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
@@ -40,44 +122,29 @@ torch::Tensor paged_decode_attention(
 
   at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc;
+    std::vector<float> acc(group * head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t len = lens[r];
+      scores.resize(group * len);
+      const float* queries = q + (r * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
+      const float* kh = k + kv_head * head_dim;
+      const float* vh = v + kv_head * head_dim;
       const int64_t* table = tables + r * max_blocks;
-      const float* qr = q + (r * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
-      scores.assign(group * len, 0.f);
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const float* key = k + table[pos / block_size] * block_stride + (pos % block_size) * pos_stride + kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qr + g * head_dim;
-          float dot = 0.f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * key[d];
-          scores[g * len + pos] = dot * fscale;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        const float max_score = *std::max_element(s, s + len);
-        float total = 0.f;
-        for (int64_t pos = 0; pos < len; ++pos) {
-          s[pos] = std::exp(s[pos] - max_score);
-          total += s[pos];
-        }
-        const float inv = 1.f / total;
-        for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
-      }
-      acc.assign(group * head_dim, 0.f);
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const float* value = v + table[pos / block_size] * block_stride + (pos % block_size) * pos_stride + kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + pos];
-          float* a = acc.data() + g * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
-        }
-      }
       float* out_r = o + (r * num_heads + kv_head * group) * head_dim;
-      std::copy(acc.begin(), acc.end(), out_r);
+      switch (head_dim) {
+        case 64:
+          attend_one<64>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
+                         scores.data(), acc.data(), out_r);
+          break;
+        case 128:
+          attend_one<128>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
+                          scores.data(), acc.data(), out_r);
+          break;
+        default:
+          attend_one<0>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
+                        scores.data(), acc.data(), out_r);
+      }
     }
   });
   return out;
