@@ -223,7 +223,7 @@ class LLMEngine:
         params = request.sampling_params
         stop_str = request.extra["detokenizer"].append([token_id])
         reason: str | None = None
-        if request.num_output_tokens > params.min_tokens or params.min_tokens == 0:
+        if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 reason = "stop"
             elif token_id in params.stop_token_ids:
@@ -313,7 +313,8 @@ def _eos_token_ids(hf_config, tokenizer, path) -> set[int]:
     if gen_config and os.path.exists(gen_config):
         import json
 
-        value = json.load(open(gen_config)).get("eos_token_id")
+        with open(gen_config) as f:
+            value = json.load(f).get("eos_token_id")
         ids.update([value] if isinstance(value, int) else value or [])
     return ids
 
