@@ -28,14 +28,15 @@ def _dense_reference(q_full, k_full, v_full, scale, query_len):
 
 @pytest.mark.parametrize("backend_cls", [TorchAttentionBackend, CpuAttentionBackend])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])
-def test_backend_matches_dense_attention(backend_cls, num_heads, num_kv_heads):
+@pytest.mark.parametrize("num_decodes", [21, 2])  # many decodes: a request per work item; few: a head per item
+def test_backend_matches_dense_attention(backend_cls, num_heads, num_kv_heads, num_decodes):
     if backend_cls is CpuAttentionBackend and load_kernel() is None:
         pytest.skip("no C++ tool chain for the CPU kernel")
     rng = random.Random(num_heads * 10 + num_kv_heads)
     torch.manual_seed(0)
     head_dim, num_blocks = 16, 512
     # Mixed batch: decodes (query 1) of varied context, then prefill chunks with and without context.
-    shapes = [(rng.randint(1, 40), 1) for _ in range(21)] + [(9, 9), (30, 7), (17, 1 + 16)]
+    shapes = [(rng.randint(1, 40), 1) for _ in range(num_decodes)] + [(9, 9), (30, 7), (17, 1 + 16)]
     shapes = [(ctx, q) if q <= ctx else (q, q) for ctx, q in shapes]
     free_blocks = list(range(num_blocks))
     rng.shuffle(free_blocks)

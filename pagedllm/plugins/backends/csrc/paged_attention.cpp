@@ -36,31 +36,34 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// One (request, kv head) work item. HEAD_DIM > 0 is a compile-time head size (the loops
-// unroll and vectorise); 0 means "use head_dim".
+// One work item: one request, kv heads [0, num_heads_here) of the pointers given (the
+// caller offsets k, v, queries and out to the first head). Walking all of a request's kv
+// heads in one item reads each cached position's row contiguously.
 template <int HEAD_DIM>
-void attend_one(const float* __restrict__ queries, const float* __restrict__ k, const float* __restrict__ v,
-                const int64_t* __restrict__ table, int64_t len, int64_t group, int64_t head_dim_rt,
-                int64_t block_size, int64_t pos_stride, int64_t block_stride, float scale,
-                float* __restrict__ scores, float* __restrict__ acc, float* __restrict__ out) {
+void attend(const float* __restrict__ queries, const float* __restrict__ k, const float* __restrict__ v,
+            const int64_t* __restrict__ table, int64_t len, int64_t num_heads_here, int64_t group,
+            int64_t head_dim_rt, int64_t block_size, int64_t pos_stride, int64_t block_stride, float scale,
+            float* __restrict__ scores, float* __restrict__ acc, float* __restrict__ out) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
+  const int64_t num_queries = num_heads_here * group;  // query heads, in order; query h uses kv head h / group
   // Walk the block table block by block (no division per position).
   for (int64_t start = 0; start < len; start += block_size) {
     const float* __restrict__ block = k + table[start / block_size] * block_stride;
     const int64_t count = std::min(block_size, len - start);
     for (int64_t i = 0; i < count; ++i) {
-      const float* __restrict__ key = block + i * pos_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const float* __restrict__ qg = queries + g * head_dim;
+      const float* __restrict__ row = block + i * pos_stride;
+      for (int64_t h = 0; h < num_queries; ++h) {
+        const float* __restrict__ key = row + (h / group) * head_dim;
+        const float* __restrict__ qh = queries + h * head_dim;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * key[d];
-        scores[g * len + start + i] = dot * scale;
+        for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
+        scores[h * len + start + i] = dot * scale;
       }
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* __restrict__ s = scores + g * len;
+  for (int64_t h = 0; h < num_queries; ++h) {
+    float* __restrict__ s = scores + h * len;
     float max_score = s[0];
     for (int64_t pos = 1; pos < len; ++pos) max_score = std::max(max_score, s[pos]);
     float total = 0.f;
@@ -73,21 +76,22 @@ void attend_one(const float* __restrict__ queries, const float* __restrict__ k, 
 #pragma omp simd
     for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
   }
-  std::fill(acc, acc + group * head_dim, 0.f);
+  std::fill(acc, acc + num_queries * head_dim, 0.f);
   for (int64_t start = 0; start < len; start += block_size) {
     const float* __restrict__ block = v + table[start / block_size] * block_stride;
     const int64_t count = std::min(block_size, len - start);
     for (int64_t i = 0; i < count; ++i) {
-      const float* __restrict__ value = block + i * pos_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * len + start + i];
-        float* __restrict__ a = acc + g * head_dim;
+      const float* __restrict__ row = block + i * pos_stride;
+      for (int64_t h = 0; h < num_queries; ++h) {
+        const float* __restrict__ value = row + (h / group) * head_dim;
+        const float p = scores[h * len + start + i];
+        float* __restrict__ a = acc + h * head_dim;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
       }
     }
   }
-  std::copy(acc, acc + group * head_dim, out);
+  std::copy(acc, acc + num_queries * head_dim, out);
 }
 
 }  // namespace
@@ -120,30 +124,34 @@ torch::Tensor paged_decode_attention(
   // Strides of the cache: one position of one head is head_dim floats.
   const int64_t pos_stride = num_kv_heads * head_dim, block_stride = block_size * pos_stride;
 
-  at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Whole requests per work item when there are enough of them to keep every thread busy;
+  // otherwise (few requests: single-stream decode) one kv head per item.
+  const int64_t heads_per_item = num_reqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t items_per_req = num_kv_heads / heads_per_item;
+  at::parallel_for(0, num_reqs * items_per_req, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(group * head_dim);
+    std::vector<float> acc(heads_per_item * group * head_dim);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t r = item / items_per_req, kv_head = (item % items_per_req) * heads_per_item;
       const int64_t len = lens[r];
-      scores.resize(group * len);
-      const float* queries = q + (r * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
+      scores.resize(heads_per_item * group * len);
+      const float* queries = q + (r * num_heads + kv_head * group) * head_dim;
       const float* kh = k + kv_head * head_dim;
       const float* vh = v + kv_head * head_dim;
       const int64_t* table = tables + r * max_blocks;
       float* out_r = o + (r * num_heads + kv_head * group) * head_dim;
       switch (head_dim) {
         case 64:
-          attend_one<64>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
-                         scores.data(), acc.data(), out_r);
+          attend<64>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride, block_stride,
+                     fscale, scores.data(), acc.data(), out_r);
           break;
         case 128:
-          attend_one<128>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
-                          scores.data(), acc.data(), out_r);
+          attend<128>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride,
+                      block_stride, fscale, scores.data(), acc.data(), out_r);
           break;
         default:
-          attend_one<0>(queries, kh, vh, table, len, group, head_dim, block_size, pos_stride, block_stride, fscale,
-                        scores.data(), acc.data(), out_r);
+          attend<0>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride, block_stride,
+                    fscale, scores.data(), acc.data(), out_r);
       }
     }
   });
