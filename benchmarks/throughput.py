@@ -64,13 +64,14 @@ def main() -> None:
     parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--repeats", type=int, default=1, help="repetitions of the pagedllm run (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="pagedllm's per-step token budget")
     parser.add_argument("--skip-transformers", action="store_true", help="measure pagedllm only (quick iterations)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
     from pagedllm import LLM
 
-    llm = LLM(args.model, dtype="float32", max_num_seqs=args.num_requests, max_num_batched_tokens=2048,
+    llm = LLM(args.model, dtype="float32", max_num_seqs=args.num_requests, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_prompt + args.output_len + 16)
     prompts = make_workload(args.num_requests, args.min_prompt, args.max_prompt, llm.engine.vocab_size, args.seed)
     total_out = args.num_requests * args.output_len

@@ -45,20 +45,22 @@ void attend(const float* __restrict__ queries, const float* __restrict__ k, cons
             int64_t head_dim_rt, int64_t block_size, int64_t pos_stride, int64_t block_stride, float scale,
             float* __restrict__ scores, float* __restrict__ acc, float* __restrict__ out) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
-  const int64_t num_queries = num_heads_here * group;  // query heads, in order; query h uses kv head h / group
+  const int64_t num_queries = num_heads_here * group;  // query heads, in order; kv head kv serves [kv * group, (kv + 1) * group)
   // Walk the block table block by block (no division per position).
   for (int64_t start = 0; start < len; start += block_size) {
     const float* __restrict__ block = k + table[start / block_size] * block_stride;
     const int64_t count = std::min(block_size, len - start);
     for (int64_t i = 0; i < count; ++i) {
       const float* __restrict__ row = block + i * pos_stride;
-      for (int64_t h = 0; h < num_queries; ++h) {
-        const float* __restrict__ key = row + (h / group) * head_dim;
-        const float* __restrict__ qh = queries + h * head_dim;
-        float dot = 0.f;
+      for (int64_t kv = 0; kv < num_heads_here; ++kv) {
+        const float* __restrict__ key = row + kv * head_dim;
+        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+          const float* __restrict__ qh = queries + h * head_dim;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
-        scores[h * len + start + i] = dot * scale;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
+          scores[h * len + start + i] = dot * scale;
+        }
       }
     }
   }
@@ -82,12 +84,14 @@ void attend(const float* __restrict__ queries, const float* __restrict__ k, cons
     const int64_t count = std::min(block_size, len - start);
     for (int64_t i = 0; i < count; ++i) {
       const float* __restrict__ row = block + i * pos_stride;
-      for (int64_t h = 0; h < num_queries; ++h) {
-        const float* __restrict__ value = row + (h / group) * head_dim;
-        const float p = scores[h * len + start + i];
-        float* __restrict__ a = acc + h * head_dim;
+      for (int64_t kv = 0; kv < num_heads_here; ++kv) {
+        const float* __restrict__ value = row + kv * head_dim;
+        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+          const float p = scores[h * len + start + i];
+          float* __restrict__ a = acc + h * head_dim;
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
+        }
       }
     }
   }
