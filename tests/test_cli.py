@@ -55,3 +55,14 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
     result = _run("generate", "hi", "--model", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert "missing" in result.stderr
+
+
+def test_chat_reads_turns_from_stdin(tmp_path):
+    path = make_tiny_model(tmp_path / "tiny", "llama")
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedllm.entrypoints.cli", "chat", "--model", str(path), "--max-tokens", "4",
+         "--num-kv-blocks", "64", "--max-model-len", "256"],
+        input="Hello there\nAnd again\n/exit\n", capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") >= 2  # each of the two turns ends its answer with a newline
