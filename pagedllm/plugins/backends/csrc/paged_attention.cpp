@@ -132,10 +132,15 @@ torch::Tensor paged_decode_attention(
   // otherwise (few requests: single-stream decode) one kv head per item.
   const int64_t heads_per_item = num_reqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
   const int64_t items_per_req = num_kv_heads / heads_per_item;
-  at::parallel_for(0, num_reqs * items_per_req, 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_items = num_reqs * items_per_req;
+  // Dynamic schedule: requests differ in length, so equal static shares would leave a
+  // thread idle while another finishes the long ones.
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> scores;
     std::vector<float> acc(heads_per_item * group * head_dim);
-    for (int64_t item = begin; item < end; ++item) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) {
       const int64_t r = item / items_per_req, kv_head = (item % items_per_req) * heads_per_item;
       const int64_t len = lens[r];
       scores.resize(heads_per_item * group * len);
@@ -158,7 +163,7 @@ torch::Tensor paged_decode_attention(
                     fscale, scores.data(), acc.data(), out_r);
       }
     }
-  });
+  }
   return out;
 }
 
