@@ -32,13 +32,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = self.rotary_emb(
-            positions,
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
-        )
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, batch)
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Queries and keys rotate in one go: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = self.rotary_emb(positions, qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim))
+        q, k = qk.view(num_tokens, -1).split([q_size, kv_size], dim=-1)
+        out = self.attn(q, k, qkv[:, q_size + kv_size :], batch)
         return self.o_proj(out)
 
 
