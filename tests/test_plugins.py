@@ -22,9 +22,8 @@ from pagedllm.core.request import Request
 from pagedllm.core.sampling_params import SamplingParams
 from pagedllm.entrypoints.plugins_cmd import format_plugins, plugins_command
 
-# The fixture also comes from the pytest11 entry point once installed; importing it keeps
-# these tests independent of that.
-from pagedllm.testing.plugin import plugin_manager_factory  # noqa: F401
+# `plugin_manager_factory` comes from pagedllm's test kit, a pytest plugin (pytest11 entry
+# point), exactly as a third-party plugin's tests get it.
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PACKAGE = "pagedllm-example-plugin"
