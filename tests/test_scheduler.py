@@ -12,7 +12,7 @@ from pagedllm.core.scheduler import Scheduler
 def _scheduler(num_blocks=64, block_size=4, budget=16, max_num_seqs=8, prefix_caching=True, chunked=True):
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
-    return Scheduler(config, kv, max_model_len=1024)
+    return Scheduler(config, kv)
 
 
 def _request(req_id, num_prompt, start=0, **kw):

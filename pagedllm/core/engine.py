@@ -84,7 +84,7 @@ class LLMEngine:
         spec: KVCacheSpec = self.model.kv_cache_spec()
         num_blocks = self._num_kv_blocks(spec)
         self.kv_cache = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, spec, self.dtype, self.device)
         self.sampler = Sampler(self._logits_processors(), self.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, self.source.path)

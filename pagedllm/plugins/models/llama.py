@@ -24,7 +24,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = _head_dim(config)
         # Qwen2 has q/k/v biases; Llama's are optional (attention_bias).
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size, kv_size = self.q_size, self.kv_size
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
@@ -33,7 +34,7 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size, kv_size = self.q_size, self.kv_size
         # Queries and keys rotate in one go: [num_tokens, num_heads + num_kv_heads, head_dim]
         qk = self.rotary_emb(positions, qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim))
         q, k = qk.view(num_tokens, -1).split([q_size, kv_size], dim=-1)
