@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from pagedllm.bench.cli import add_bench_parser
 from pagedllm.core.config import EngineConfig, load_config_file
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--config", help="YAML file with plugins_allow / plugins_deny / plugins_allow_override")
     plugins.set_defaults(func=cmd_plugins)
+
+    add_bench_parser(sub, _add_engine_options)
     return parser
 
 
