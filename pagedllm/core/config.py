@@ -27,7 +27,9 @@ class ModelConfig:
     max_model_len: int | None = _opt(None, "Maximum prompt + output length; default: the model's context length.")
     seed: int = _opt(0, "Seed of the engine's shared random generator (requests without their own seed).")
     chat_template: str | None = _opt(None, "Chat template (a Jinja string or a file path) replacing the model's.")
-    served_model_name: str | None = _opt(None, "Name the model is reported under; default: the model path.")
+    quantization: str | None = _opt(None, "Quantization method plugin. Default: detected from config.json's quantization_config or the GGUF tensor types; a name (e.g. bitsandbytes) quantizes a float checkpoint on load; 'none' dequantizes a GGUF to float.")
+    quantization_kernel: str = _opt("auto", "Kernel the quantization method uses (GGUF: int4pack, int8pack, dequant); auto lets the method choose. For tests and benchmarks.")
+    served_model_name: list[str] | None = _opt(None, "Name(s) the server accepts for the model; the first is the one reported. Default: the model path.")
 
 
 @dataclass
@@ -63,12 +65,24 @@ class PluginConfig:
 
 
 @dataclass
+class ServerConfig:
+    host: str = _opt("127.0.0.1", "Address the OpenAI-compatible server binds to.")
+    port: int = _opt(8000, "Port the OpenAI-compatible server listens on.")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer <key>' on every /v1 route (also read from PAGEDLLM_API_KEY).")
+    allowed_origins: list[str] = _opt([], "CORS origins allowed to call the server from a browser ('*' for any); default: none.")
+    uvicorn_log_level: str = _opt("info", "Log level of uvicorn (the HTTP server): critical, error, warning, info, debug, trace.")
+    max_log_len: int = _opt(0, "Characters of each prompt shown in its request log line (0: none).")
+    shutdown_timeout: float = _opt(10.0, "Seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted.")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     plugin_config: PluginConfig = field(default_factory=PluginConfig)
+    server_config: ServerConfig = field(default_factory=ServerConfig)
 
     @staticmethod
     def sections() -> dict[str, type]:
@@ -118,6 +132,8 @@ class EngineConfig:
         check(self.device_config.device in ("auto", "cpu", "cuda") or self.device_config.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
         mml = self.model_config.max_model_len
         check(mml is None or mml >= 1, "max_model_len", "must be >= 1")
+        check(0 <= self.server_config.port <= 65535, "port", "must be in [0, 65535]")
+        check(self.server_config.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

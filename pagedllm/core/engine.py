@@ -18,6 +18,7 @@ from pagedllm.core.model_runner import ModelRunner
 from pagedllm.core.model_spec import KVCacheSpec, ModelContext
 from pagedllm.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.core.plugins import PluginManager, build_plugin_manager
+from pagedllm.core.quantization import process_weights_after_loading, resolve_quantization
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, bad_words_to_token_ids, compute_logprobs
 from pagedllm.core.sampling_params import SamplingParams
@@ -70,7 +71,8 @@ class LLMEngine:
             backend_name = "cpu" if self.device.type == "cpu" else "torch"
         self.attention_backend = backend_name
         backend_cls = self.plugins.load("attention_backend", backend_name)
-        ctx = ModelContext(self.dtype, self.device, backend_cls, self.max_model_len)
+        self.quant_method = resolve_quantization(self.source, mc.quantization, mc.quantization_kernel, self.plugins, self.device)
+        ctx = ModelContext(self.dtype, self.device, backend_cls, self.max_model_len, self.quant_method)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -78,7 +80,8 @@ class LLMEngine:
                 self.model = model_cls(hf_config, ctx)
         finally:
             torch.set_default_dtype(default_dtype)
-        self.model.load_weights(self.source.iter_weights(self.dtype))
+        self.model.load_weights(self.source.iter_weights(self.dtype, quantized=self.quant_method is not None))
+        process_weights_after_loading(self.model)
         self.model.eval()
 
         spec: KVCacheSpec = self.model.kv_cache_spec()
@@ -252,7 +255,7 @@ class LLMEngine:
             if lps is not None:
                 cumulative = sum(pos[t].logprob for pos, t in zip(lps, request.output_token_ids))
             completions.append(CompletionOutput(
-                index=request.index, text=request.extra["detokenizer"].output_text,
+                index=request.index, text=_stable_text(request),
                 token_ids=list(request.output_token_ids), cumulative_logprob=cumulative,
                 logprobs=list(lps) if lps is not None else None,
                 finish_reason=request.finish_reason, stop_reason=request.stop_reason,
@@ -270,6 +273,16 @@ class LLMEngine:
             prompt_logprobs=list(first.prompt_logprobs) if first.sampling_params.prompt_logprobs is not None else None,
             metrics=metrics, num_cached_tokens=first.num_cached_tokens,
         )
+
+
+def _stable_text(request: Request) -> str:
+    """The output text so far minus a tail that may still begin a stop string.
+
+    Cumulative outputs then only grow: a streaming client never sees text taken back.
+    """
+    text = request.extra.get("text", "") + request.extra["detokenizer"].get_delta()
+    request.extra["text"] = text
+    return text
 
 
 def _resolve_device(name: str) -> torch.device:

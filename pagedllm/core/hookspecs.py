@@ -88,21 +88,86 @@ def pagedllm_register_models(register: Register) -> None:
 
 @hookspec
 def pagedllm_register_quantization_methods(register: Register) -> None:
-    """Register quantization methods.
+    """Register quantization methods: how linear layers store, load and multiply weights.
 
-    ``name`` is the ``quant_method`` found in ``config.json``'s
-    ``quantization_config`` (``"gptq"``, ``"awq"``) or given by ``--quantization``.
-    ``target`` is a class built from that ``quantization_config`` dict which creates a
-    linear layer's parameters, loads and repacks checkpoint tensors into them, and
-    performs the matmul. Models never branch on the method: their linear layers delegate
-    to it. Useful ``info`` keys: ``formats`` and ``devices`` (shown by
-    ``pagedllm plugins``).
+    ``name`` is the ``quant_method`` of ``config.json``'s ``quantization_config``
+    (``"gptq"``, ``"awq"``, ``"compressed-tensors"``), ``"gguf"`` for a GGUF file with
+    quantized tensors, or a name given by the ``quantization`` engine option
+    (``--quantization bitsandbytes`` quantizes a float checkpoint on load). The option
+    ``quantization="none"`` loads a GGUF dequantized to float instead.
+
+    ``target`` is a subclass of :class:`pagedllm.core.quantization.QuantizationMethod`:
+
+    - ``from_config(quant_config: dict, hf_config) -> method`` (classmethod): built once
+      per model from the ``quantization_config`` dict (``{}`` for an on-the-fly method);
+      raise ValueError naming an unsupported key and value;
+    - ``check_device(device)``: raise ValueError naming the method, the reason and what
+      would work when it cannot run on this device;
+    - ``get_linear_method(prefix) -> LinearMethod`` for each linear layer, by its Hugging
+      Face module name (``model.layers.0.self_attn.qkv_proj`` for the merged q/k/v,
+      ``model.layers.0.mlp.gate_up_proj`` for gate/up, ``lm_head``); return
+      ``UnquantizedLinearMethod()`` for modules the checkpoint keeps in float;
+    - ``get_embedding_method(prefix) -> LinearMethod`` for ``model.embed_tokens``
+      (default float); a quantized one also implements ``embedding(layer, token_ids)``;
+    - class attribute ``kernels``: names the ``quantization_kernel`` option may force
+      (``self.kernel`` holds the choice, ``"auto"`` by default).
+
+    A :class:`~pagedllm.core.quantization.LinearMethod` does the per-layer work (the
+    layer ``pagedllm.core.layers.Linear`` / ``MergedLinear`` / ``VocabEmbedding`` owns the
+    float bias and delegates the rest):
+
+    - ``create_weights(layer, in_features, output_sizes, dtype)``: register the
+      parameters / buffers on ``layer`` under the checkpoint's own tensor names
+      (``qweight``, ``scales``, ``qzeros``, ``g_idx``, ``weight_scale``, ...);
+      ``output_sizes`` has one entry per merged part. Every name registered is then
+      required from the checkpoint for every part (override ``checkpoint_names(layer)``
+      to say otherwise);
+    - ``load_weight(layer, param_name, shard, tensor)``: place checkpoint tensor
+      ``<prefix>.<param_name>``; ``shard`` is None for a plain layer, else the index of the
+      merged part (its rows start at ``layer.offsets[shard]``, it has
+      ``layer.output_sizes[shard]`` of them). The model maps Hugging Face names: for
+      ``model.layers.0.self_attn.k_proj.qweight`` the method sees layer
+      ``...self_attn.qkv_proj``, ``param_name="qweight"``, ``shard=1``. Names with dots
+      after the layer (``weight.absmax``) arrive whole;
+    - ``process_weights_after_loading(layer)``: repack for the kernel, once, after all
+      weights are in;
+    - ``apply(layer, x, bias) -> y``: ``x`` is ``[num_tokens, in_features]`` in the
+      compute dtype, ``y`` ``[num_tokens, out_features]`` in the same dtype.
+
+    Models never branch on a method: they pass ``ctx.quant_method`` and a prefix to each
+    layer. Useful ``info`` keys: ``formats`` and ``devices`` (shown by
+    ``pagedllm plugins``), ``description``.
 
     Example::
 
         @hookimpl
         def pagedllm_register_quantization_methods(register):
-            register("gptq", "my_quant.gptq:GPTQMethod", devices=["cpu", "cuda"])
+            register("gptq", "my_quant.gptq:GPTQMethod", formats=["gptq 4/8-bit"], devices=["cpu", "cuda"])
+
+    with ``my_quant/gptq.py``::
+
+        class GPTQLinearMethod(LinearMethod):
+            def create_weights(self, layer, in_features, output_sizes, dtype):
+                out = sum(output_sizes)
+                layer.register_buffer("qweight", torch.empty(in_features // 8, out, dtype=torch.int32))
+                ...
+
+            def load_weight(self, layer, param_name, shard, tensor):
+                dim = 0 if param_name == "g_idx" else -1  # output columns of this part
+                ...
+
+            def apply(self, layer, x, bias):
+                return F.linear(x, dequantize(layer), bias)
+
+        class GPTQMethod(QuantizationMethod):
+            name = "gptq"
+
+            @classmethod
+            def from_config(cls, quant_config, hf_config):
+                return cls(bits=quant_config["bits"], group_size=quant_config["group_size"])
+
+            def get_linear_method(self, prefix):
+                return UnquantizedLinearMethod() if prefix == "lm_head" else GPTQLinearMethod(self)
     """
 
 

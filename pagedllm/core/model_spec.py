@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedllm.core.quantization import QuantizationMethod
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,6 @@ class ModelContext:
     #: Attention backend class (see ``pagedllm_register_attention_backends``).
     attention_backend: type
     max_model_len: int
+    #: The model's quantization method (None: float weights); hand it and a prefix to every
+    #: Linear / MergedLinear / VocabEmbedding (see ``pagedllm_register_quantization_methods``).
+    quant_method: QuantizationMethod | None = None

@@ -128,6 +128,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return plugins_command(PluginConfig(**{k: v for k, v in options.items() if k in names}), as_json=args.json)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pagedllm.entrypoints.openai.api_server import run_server
+
+    if args.log_level.upper() == "WARNING":  # left at its default: a server shows its banner and request log
+        logging.getLogger("pagedllm").setLevel(logging.INFO)
+    return run_server(_engine_options(args))
+
+
+def _add_serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (default http://127.0.0.1:8000/v1)")
+    serve.add_argument("model", nargs="?", default=None, help="model directory or .gguf file (default: embedded SmolLM2)")
+    _add_engine_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: paged, continuously batched LLM inference")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -153,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--config", help="YAML file with plugins_allow / plugins_deny / plugins_allow_override")
     plugins.set_defaults(func=cmd_plugins)
+    _add_serve_parser(sub)
 
     add_bench_parser(sub, _add_engine_options)
     return parser

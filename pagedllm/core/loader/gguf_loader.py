@@ -264,7 +264,7 @@ class GGUFModelSource(ModelSource):
     def _load_own_tokenizer(self):
         return load_gguf_tokenizer(self.path, self.cache_dir, self.gguf.metadata.get("tokenizer.chat_template"))
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Dequantized (float32, then `dtype`) weights; no `lm_head.weight` when the embedding is tied."""
         config = self.hf_config
         permuted = SUPPORTED_ARCHITECTURES[self.gguf.metadata["general.architecture"]][2]

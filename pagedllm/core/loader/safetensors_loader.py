@@ -30,11 +30,15 @@ class HFModelSource(ModelSource):
             raise ValueError(f"could not read {path / 'config.json'}: {error}") from error
         self.checkpoint_files = find_checkpoint_files(path)
         self.checkpoint_dtype = _config_dtype(self.hf_config) or _stored_dtype(self.checkpoint_files[0])
+        quant_config = getattr(self.hf_config, "quantization_config", None)
+        if quant_config is not None and not isinstance(quant_config, dict):
+            quant_config = quant_config.to_dict()
+        self.quantization_config = quant_config
 
     def _load_own_tokenizer(self):
         return load_tokenizer_from(self.path, self.cache_dir)
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for file in self.checkpoint_files:
             for name, tensor in _iter_file(file):
                 yield name, cast_weight(tensor, dtype)

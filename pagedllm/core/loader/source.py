@@ -32,8 +32,12 @@ class ModelSource:
     """
 
     format: ClassVar[str]  # "hf" | "gguf"
+    #: True if quantized weights can also be yielded as floats (``iter_weights(quantized=False)``).
+    can_dequantize: ClassVar[bool] = False
     hf_config: PretrainedConfig
     checkpoint_dtype: torch.dtype  # what the weights are stored as (float32 once GGUF is dequantized)
+    #: config.json's ``quantization_config`` (GGUF: ``{"quant_method": "gguf"}`` if a tensor is quantized).
+    quantization_config: dict | None = None
 
     def __init__(self, path: Path, tokenizer_path: Path | None = None, cache_dir: Path | None = None):
         self.path = path
@@ -49,8 +53,12 @@ class ModelSource:
     def _load_own_tokenizer(self) -> PreTrainedTokenizerBase:
         raise NotImplementedError
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield `(hugging_face_name, tensor)` one at a time; floating tensors are cast to `dtype`."""
+    def iter_weights(self, dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hugging_face_name, tensor)` one at a time; floating tensors are cast to `dtype`.
+
+        Quantized tensors come as stored when `quantized` (the model runs a quantization
+        method), else dequantized to `dtype` where the format allows (`can_dequantize`).
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from pagedllm.core.attention import AttentionMetadata
-from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagedllm.core.layers.linear import find_layer
 from pagedllm.core.model_spec import KVCacheSpec, ModelContext
 
 
@@ -17,7 +18,7 @@ def _head_dim(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, ctx: ModelContext, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, ctx: ModelContext, rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -26,8 +27,9 @@ class LlamaAttention(nn.Module):
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q_size, kv_size = self.q_size, self.kv_size
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        quant = ctx.quant_method
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias, quant, f"{prefix}.qkv_proj")
+        self.o_proj = Linear(q_size, config.hidden_size, getattr(config, "attention_bias", False), quant, f"{prefix}.o_proj")
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, ctx.attention_backend)
 
@@ -43,11 +45,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, ctx: ModelContext, prefix: str = "") -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        bias, quant = getattr(config, "mlp_bias", False), ctx.quant_method
+        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias, quant, f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias, quant, f"{prefix}.down_proj")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama plugin (only silu)")
 
@@ -57,10 +59,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, ctx: ModelContext, rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, ctx, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, ctx, rotary_emb, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, ctx, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -72,9 +74,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, ctx: ModelContext) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ctx.quant_method, "model.embed_tokens")
         rotary_emb = RotaryEmbedding(config, _head_dim(config), ctx.max_model_len)  # shared by all layers
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ctx, rotary_emb) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ctx, rotary_emb, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
@@ -105,7 +109,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, ctx)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = None if self.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, quant_method=ctx.quant_method, prefix="lm_head"
+        )
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config
@@ -115,43 +121,34 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()  # [n, vocab_size]
+        head = self.model.embed_tokens.logits if self.lm_head is None else self.lm_head
+        return head(hidden).float()  # [n, vocab_size]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Linear layers take their tensors (float or quantized) through ``load_weight``; the rest are copied."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name or (self.tie_word_embeddings and hf_name.startswith("lm_head.")):
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            for hf_part, (ours, shard) in self.stacked_params.items():
+            name, shard = hf_name, None
+            for hf_part, (ours, index) in self.stacked_params.items():
                 if hf_part in name:
-                    merged = name.replace(hf_part, ours)
-                    module_name, param_name = merged.rsplit(".", 1)
-                    if merged not in params:
-                        raise ValueError(f"checkpoint tensor {name} has no place in the model")
-                    modules[module_name].load_shard(param_name, shard, tensor)
-                    loaded.add(f"{merged}#{shard}")
+                    name, shard = name.replace(hf_part, ours), index
                     break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name} has no place in the model")
-                param = params[name]
-                if param.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-                param.data.copy_(tensor)
-                loaded.add(name)
-        expected = set()
-        for pname in params:
-            module_name = pname.rsplit(".", 1)[0]
-            module = modules[module_name]
-            if isinstance(module, MergedLinear):
-                expected.update(f"{pname}#{i}" for i in range(len(module.output_sizes)))
-            else:
-                expected.add(pname)
-        missing = sorted(expected - loaded)
+            if (found := find_layer(modules, name)) is not None:
+                layer, param_name = found
+                layer.load_weight(param_name, shard, tensor)
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name} has no place in the model")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+            param.data.copy_(tensor)
+            loaded.add(name)
+        expected = {p for p in params if not isinstance(modules[p.rsplit(".", 1)[0]], Linear)}
+        missing = sorted(expected - loaded) + [w for m in modules.values() if isinstance(m, Linear) for w in m.missing_weights()]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol models, the FastAPI app, streaming, metrics."""

@@ -1,0 +1,159 @@
+"""POST /v1/chat/completions: the conversation through the chat template, answered whole or as SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.request import PositionLogprobs
+from pagedllm.entrypoints.openai.protocol import (
+    ChatChoice,
+    ChatChoiceLogProbs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogProb,
+    ChatLogProbsContent,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    RequestError,
+    UsageInfo,
+    random_id,
+)
+from pagedllm.entrypoints.openai.serving import (
+    EnginePrompt,
+    EventStream,
+    OpenAIServing,
+    logprob_value,
+    merge,
+    prompt_logprobs_json,
+    sse,
+    stream_error,
+)
+
+
+def _logprob(token: str | None, logprob: float) -> dict:
+    token = token or ""
+    return {"token": token, "logprob": logprob_value(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs], num_top: int) -> ChatChoiceLogProbs:
+    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and the ``num_top`` most likely."""
+    content = []
+    for token_id, position in zip(token_ids, positions):
+        chosen = position[token_id]
+        top = sorted((lp for lp in position.values() if lp.rank <= num_top), key=lambda lp: lp.rank)[:num_top]
+        content.append(ChatLogProbsContent(
+            **_logprob(chosen.decoded_token, chosen.logprob),
+            top_logprobs=[ChatLogProb(**_logprob(lp.decoded_token, lp.logprob)) for lp in top],
+        ))
+    return ChatChoiceLogProbs(content=content)
+
+
+class ChatServing:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.serving = serving
+
+    async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
+        """The response, or (``stream: true``) its SSE events; raises RequestError."""
+        s = self.serving
+        s.check_model(request.model)
+        s.warn_ignored_fields(request)
+        if request.stream_options is not None and not request.stream:
+            raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
+        template_kwargs = dict(request.chat_template_kwargs or {})
+        if request.reasoning_effort is not None:
+            template_kwargs.setdefault("reasoning_effort", request.reasoning_effort)
+        prompt = s.chat_prompt(
+            request.messages, add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message, chat_template=request.chat_template,
+            chat_template_kwargs=template_kwargs, add_special_tokens=request.add_special_tokens,
+        )
+        field, requested = request.max_tokens_field
+        params = request.to_sampling_params(s.check_max_tokens(requested, len(prompt.token_ids), field, "messages"))
+        request_id = random_id("chatcmpl")
+        (stream,) = await s.start([request_id], [prompt], [params])
+        outputs = s.follow(stream, prompt)
+        if request.stream:
+            return EventStream(self._stream(request, request_id, prompt, outputs), [request_id])
+        return await self._collect(request, request_id, prompt, outputs)
+
+    @staticmethod
+    def _echo_prefix(request: ChatCompletionRequest) -> str:
+        """With ``echo``, the answer repeats a final assistant message it continues."""
+        last = request.messages[-1]
+        if request.echo and last.role == "assistant":
+            return last.to_template().get("content") or ""
+        return ""
+
+    async def _collect(self, request: ChatCompletionRequest, request_id: str, prompt: EnginePrompt,
+                       outputs: AsyncIterator[RequestOutput]) -> ChatCompletionResponse:
+        final: RequestOutput | None = None
+        async with aclosing(merge([outputs])) as merged:
+            async for _, final in merged:
+                pass
+        assert final is not None and final.finished
+        prefix = self._echo_prefix(request)
+        num_top = request.top_logprobs or 0
+        choices = [
+            ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=prefix + c.text),
+                logprobs=chat_logprobs(c.token_ids, c.logprobs or [], num_top) if request.logprobs else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        num_prompt = len(prompt.token_ids)
+        num_generated = sum(len(c.token_ids) for c in final.outputs)
+        return ChatCompletionResponse(
+            id=request_id, model=self.serving.model_name, choices=choices,
+            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated),
+            prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs) if request.prompt_logprobs is not None else None,
+        )
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: EnginePrompt,
+                      outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        created = int(time.time())
+        model = self.serving.model_name
+        num_top = request.top_logprobs or 0
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
+            return sse(body.model_dump_json(exclude_none=True))
+
+        prefix = self._echo_prefix(request)
+        for index in range(request.n):  # the role first, as OpenAI does, before any token
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=prefix))])
+        sent_chars = [0] * request.n
+        sent_tokens = [0] * request.n
+        done: set[int] = set()
+        try:
+            async with aclosing(merge([outputs])) as merged:
+                async for _, output in merged:
+                    for c in output.outputs:
+                        if c.index in done:
+                            continue
+                        text = c.text[sent_chars[c.index]:]
+                        new_ids = c.token_ids[sent_tokens[c.index]:]
+                        if not text and not new_ids and not c.finished:
+                            continue
+                        logprobs = None
+                        if request.logprobs:
+                            logprobs = chat_logprobs(new_ids, (c.logprobs or [])[sent_tokens[c.index]:], num_top)
+                        sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                        if c.finished:
+                            done.add(c.index)
+                        yield chunk([ChatStreamChoice(
+                            index=c.index, delta=DeltaMessage(content=text or None), logprobs=logprobs,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        )])
+            if request.stream_options is not None and request.stream_options.include_usage:
+                num_prompt, num_generated = len(prompt.token_ids), sum(sent_tokens)
+                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                                          total_tokens=num_prompt + num_generated))
+        except Exception as exc:  # the response has started: report in the stream
+            yield stream_error(exc)
+        yield sse("[DONE]")

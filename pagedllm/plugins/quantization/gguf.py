@@ -1,0 +1,176 @@
+"""Native GGUF: weights stay in their GGUF blocks (or a repacked 4-bit form) and are multiplied as such.
+
+The loader yields each 2-D tensor as ``<name>.qweight_type`` (the ggml type) followed by
+``<name>.qweight`` (the raw blocks, ``[rows, bytes_per_row]`` uint8). Types may differ
+between tensors and even between the parts of a merged layer (llama.cpp's Q4_K_M puts
+some v projections in Q6_K), so a layer is a list of row ranges, each with its kernel:
+
+- ``int4pack``: Q4_0, Q4_1 and Q4_K (32-value sub-blocks with a scale and a min) repacked
+  at load for torch's ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, group 32);
+- ``dequant``: every type; a tile of rows is dequantized to float32 and multiplied, so no
+  float copy of the whole weight exists (exact: the float path's numbers);
+- float types (F32, F16, BF16) become an ordinary float weight.
+
+Token embeddings keep their raw blocks and dequantize only the looked-up rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from pagedllm.core.quantization import LinearMethod, QuantizationMethod
+from pagedllm.plugins.quantization.gguf_dequant import DEQUANTIZERS, dequantize, int4_groups
+
+GGML = GGMLQuantizationType
+FLOAT_TYPES = {GGML.F32: torch.float32, GGML.F16: torch.float16, GGML.BF16: torch.bfloat16}
+INT4PACK_TYPES = {GGML.Q4_0, GGML.Q4_1, GGML.Q4_K}
+SUPPORTED_TYPES = set(DEQUANTIZERS) | set(FLOAT_TYPES)
+_TILE_ELEMENTS = 1 << 20  # float32 values dequantized at a time (4 MiB): stays in cache, bounds memory
+
+
+class _Dense:
+    """A float weight [rows, in]."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.weight = weight.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class _Dequant:
+    """Raw blocks, dequantized ``tile_rows`` rows at a time for each matmul."""
+
+    def __init__(self, raw: torch.Tensor, qtype: GGML, in_features: int) -> None:
+        self.raw, self.qtype = raw, qtype
+        self.tile_rows = max(1, _TILE_ELEMENTS // in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.raw.shape[0]
+        if rows <= self.tile_rows:
+            return F.linear(x, dequantize(self.raw, self.qtype).to(x.dtype))
+        out = x.new_empty(*x.shape[:-1], rows)
+        for start in range(0, rows, self.tile_rows):
+            tile = dequantize(self.raw[start : start + self.tile_rows], self.qtype).to(x.dtype)
+            out[..., start : start + tile.shape[0]] = F.linear(x, tile)
+        return out
+
+
+class _Int4Pack:
+    """4-bit values in torch's CPU int4pack layout; w = (q - 8) * scale + zero per group of 32."""
+
+    GROUP = 32
+
+    def __init__(self, raw: torch.Tensor, qtype: GGML) -> None:
+        q, scale, zero = int4_groups(raw, qtype)  # q [rows, in] in 0..15; scale, zero [rows, in / 32]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # [in / 32, rows, 2] as the kernel wants; bfloat16 like its activations
+        self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.GROUP, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class GGUFLinearMethod(LinearMethod):
+    """One layer's GGUF tensors: per shard a type and raw blocks until loading ends, then kernels."""
+
+    def __init__(self, method: GGUFMethod, is_embedding: bool = False) -> None:
+        self.method = method
+        self.is_embedding = is_embedding
+
+    def create_weights(self, layer, in_features, output_sizes, dtype):
+        layer.gguf_types, layer.gguf_raw = {}, {}  # shard -> GGML type / raw blocks, until repacked
+        layer.gguf_parts = None  # [(num_rows, kernel)] covering the output rows in order
+        layer.compute_dtype = dtype
+        layer.gguf_device = torch.empty(0).device  # the engine builds the model under torch.device(...)
+
+    def checkpoint_names(self, layer):
+        return ["qweight_type", "qweight"]
+
+    def load_weight(self, layer, param_name, shard, tensor):
+        where = f"{layer.prefix}.{param_name}" + ("" if shard is None else f" (shard {shard})")
+        if param_name == "qweight_type":
+            qtype = GGML(int(tensor))
+            if qtype not in SUPPORTED_TYPES:
+                supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+                raise ValueError(f"{where}: GGUF type {qtype.name} is not supported by quantization method 'gguf' "
+                                 f"(supported: {supported}); convert the file, e.g. with llama-quantize")  # fmt: skip
+            layer.gguf_types[shard] = qtype
+            return
+        if shard not in layer.gguf_types:
+            raise ValueError(f"{where}: its qweight_type must come before the raw blocks")
+        qtype = layer.gguf_types[shard]
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        rows = layer.out_features if shard is None else layer.output_sizes[shard]
+        expected = (rows, layer.in_features // block_size * type_size)
+        if tuple(tensor.shape) != expected or tensor.dtype != torch.uint8 or layer.in_features % block_size:
+            raise ValueError(f"{where}: expected {qtype.name} blocks of shape {expected} (uint8), "
+                             f"got {tuple(tensor.shape)} ({tensor.dtype})")  # fmt: skip
+        layer.gguf_raw[shard] = tensor.to(layer.gguf_device, copy=True)  # own memory: the file map is released
+
+    def process_weights_after_loading(self, layer):
+        if not self.is_embedding:  # an embedding builds its kernels on first use as an LM head (tied)
+            layer.gguf_parts = self._build_parts(layer)
+            layer.gguf_raw = {}
+
+    def _build_parts(self, layer) -> list:
+        """Group consecutive shards of one type into a part each; make each part's kernel."""
+        groups: list[tuple[GGML, list[torch.Tensor]]] = []
+        for shard in sorted(layer.gguf_raw, key=lambda s: -1 if s is None else s):
+            qtype = layer.gguf_types[shard]
+            if groups and groups[-1][0] == qtype:
+                groups[-1][1].append(layer.gguf_raw[shard])
+            else:
+                groups.append((qtype, [layer.gguf_raw[shard]]))
+        parts = []
+        for qtype, raws in groups:
+            raw = raws[0] if len(raws) == 1 else torch.cat(raws)
+            parts.append((raw.shape[0], self._kernel(layer, qtype, raw)))
+        return parts
+
+    def _kernel(self, layer, qtype: GGML, raw: torch.Tensor):
+        if qtype in FLOAT_TYPES:
+            return _Dense(raw.view(FLOAT_TYPES[qtype]), layer.compute_dtype)
+        kernel = self.method.kernel
+        if kernel in ("auto", "int4pack") and qtype in INT4PACK_TYPES and raw.device.type == "cpu":
+            return _Int4Pack(raw, qtype)
+        return _Dequant(raw, qtype, layer.in_features)
+
+    def apply(self, layer, x, bias):
+        if layer.gguf_parts is None:
+            layer.gguf_parts = self._build_parts(layer)
+        parts = layer.gguf_parts
+        y = parts[0][1](x) if len(parts) == 1 else torch.cat([kernel(x) for _, kernel in parts], dim=-1)
+        return y if bias is None else y + bias
+
+    def embedding(self, layer, token_ids):
+        (shard,) = layer.gguf_raw  # an embedding is one tensor
+        qtype = layer.gguf_types[shard]
+        rows = layer.gguf_raw[shard][token_ids.reshape(-1)]  # only the looked-up rows are dequantized
+        if qtype in FLOAT_TYPES:
+            values = rows.view(FLOAT_TYPES[qtype])
+        else:
+            values = dequantize(rows, qtype)
+        return values.to(layer.compute_dtype).reshape(*token_ids.shape, -1)
+
+
+class GGUFMethod(QuantizationMethod):
+    """GGUF files (detected from the tensor types); every linear layer and the embedding stay quantized."""
+
+    name = "gguf"
+    kernels = ("int4pack", "dequant")
+
+    def check_device(self, device: torch.device) -> None:
+        if self.kernel == "int4pack" and device.type != "cpu":
+            raise ValueError(f"quantization method 'gguf': kernel 'int4pack' (torch's _weight_int4pack_mm_for_cpu) "
+                             f"runs on CPU only, not {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        return GGUFLinearMethod(self)
+
+    def get_embedding_method(self, prefix: str) -> LinearMethod:
+        return GGUFLinearMethod(self, is_embedding=True)
