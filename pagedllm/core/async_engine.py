@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,20 +56,23 @@ class EngineStats:
 class RequestStream:
     """One request's outputs, delivered from the engine thread to the caller's event loop.
 
-    Outputs are cumulative, so a consumer that falls behind skips to the newest one.
+    Outputs are cumulative, so a consumer that falls behind skips to the newest one;
+    ``on_output(output, time)`` (optional) still sees every output, with the
+    ``time.monotonic()`` at which the engine produced it (for latency metrics).
     Iterating yields RequestOutputs until the finished one; an engine failure is raised.
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
-        self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.on_output: Callable[[RequestOutput, float], None] | None = None
         self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue[tuple[float, RequestOutput | BaseException]] = asyncio.Queue()
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         """Engine thread: hand an output or an error to the consumer's loop."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (time.monotonic(), item))
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
             pass
 
@@ -78,14 +82,20 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+        items = [await self._queue.get()]
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        newest: RequestOutput | None = None
+        for produced, item in items:
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            if self.on_output is not None:
+                self.on_output(item, produced)
+            newest = item
+        assert newest is not None
+        self.finished = newest.finished
+        return newest
 
 
 @dataclass

@@ -65,6 +65,12 @@ class PluginConfig:
 
 
 @dataclass
+class StructuredOutputConfig:
+    guided_decoding_backend: str = _opt("xgrammar", "Guided-decoding (structured output) backend plugin; a request may name another in structured_outputs.backend.")
+    reasoning_parser: str | None = _opt(None, "Reasoning parser plugin (deepseek_r1, qwen3): guided decoding constrains only the answer after the reasoning, and the server splits reasoning_content from content.")
+
+
+@dataclass
 class ServerConfig:
     host: str = _opt("127.0.0.1", "Address the OpenAI-compatible server binds to.")
     port: int = _opt(8000, "Port the OpenAI-compatible server listens on.")
@@ -82,6 +88,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     plugin_config: PluginConfig = field(default_factory=PluginConfig)
+    structured_output_config: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     server_config: ServerConfig = field(default_factory=ServerConfig)
 
     @staticmethod

@@ -12,6 +12,7 @@ import torch
 
 from pagedllm.core.config import EngineConfig, parse_size
 from pagedllm.core.detokenizer import IncrementalDetokenizer
+from pagedllm.core.guided import GUIDED_KEY, GuidedMaskStage, StructuredOutputs
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.loader import load_model_source
 from pagedllm.core.model_runner import ModelRunner
@@ -89,8 +90,10 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, spec, self.dtype, self.device)
-        self.sampler = Sampler(self._logits_processors(), self.vocab_size)
+        self.sampler = Sampler(self._logits_processors() + [GuidedMaskStage()], self.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, self.source.path)
+        self.structured_outputs = StructuredOutputs(
+            self.plugins, config.structured_output_config, self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         torch.manual_seed(mc.seed)  # requests without a seed draw from the global generator
         logger.info(
@@ -148,6 +151,8 @@ class LLMEngine:
         params._eos_token_ids = set(self.eos_token_ids)
         if params.bad_words:
             params._bad_words_token_ids = bad_words_to_token_ids(params.bad_words, self.tokenizer)
+        if params.structured_outputs is not None:
+            self.structured_outputs.validate(params.structured_outputs)
         max_total = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(token_ids) + params.max_tokens)
 
         children = []
@@ -172,6 +177,9 @@ class LLMEngine:
             )
             children.append(request)
         self._parents[request_id] = _Parent(request_id, text, list(token_ids), children, time.monotonic())
+        if params.structured_outputs is not None:
+            self.structured_outputs.submit(params.structured_outputs, children)  # queued by step() once compiled
+            return
         for request in children:
             self.scheduler.add_request(request)
 
@@ -195,11 +203,12 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for every request that made progress."""
+        failed = self._admit_guided()
         batch = self.scheduler.schedule()
         if batch.is_empty():
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the KV cache")
-            return []
+            return failed
         model_output = self.runner.execute(batch)
         self.scheduler.update_after_step(batch)
 
@@ -220,7 +229,27 @@ class LLMEngine:
                 if lp is not None:
                     request.output_logprobs.append(self._decode_logprobs([lp])[0])
                 self._check_stop(request, token_id)
-        return [self._make_output(self._parents[p]) for p in touched if p in self._parents]
+        return failed + [self._make_output(self._parents[p]) for p in touched if p in self._parents]
+
+    def _admit_guided(self) -> list[RequestOutput]:
+        """Queue the guided requests whose constraint is compiled; end those whose compile failed."""
+        outputs = []
+        # With nothing else to run, wait a little for a compile rather than spin.
+        for children, error in self.structured_outputs.ready(timeout=0.0 if self.scheduler.has_unfinished() else 0.05):
+            parent = self._parents.get(children[0].parent_id or children[0].req_id)
+            if parent is None:
+                continue  # aborted while compiling
+            if error is None:
+                for request in children:
+                    self.scheduler.add_request(request)
+                continue
+            logger.error("request %s: structured output failed to compile: %s", parent.request_id, error)
+            for request in children:
+                request.status, request.finish_reason = RequestStatus.FINISHED_ABORTED, "abort"
+            output = self._make_output(parent)
+            output.extra["error"] = f"structured output failed to compile: {error}"
+            outputs.append(output)
+        return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
@@ -233,6 +262,9 @@ class LLMEngine:
                 reason, request.stop_reason = "stop", token_id
             elif stop_str is not None:
                 reason, request.stop_reason = "stop", stop_str
+        guided = request.extra.get(GUIDED_KEY)
+        if reason is None and guided is not None and guided.accept(request):
+            reason = "stop"  # the constraint is complete (or broken)
         if reason is None and request.num_tokens >= request.max_total_tokens:
             reason = "length"
         if reason is not None:

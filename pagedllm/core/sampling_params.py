@@ -3,10 +3,76 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (guided decoding): exactly one kind is set.
+
+    The engine compiles it with a guided-decoding backend plugin when the request is
+    added; a constraint that does not compile is a ValueError from ``add_request``.
+    """
+
+    #: A JSON schema (a dict or its JSON text) the output validates against.
+    json: str | dict[str, Any] | None = None
+    #: A regular expression the whole output matches.
+    regex: str | None = None
+    #: The output is exactly one of these strings.
+    choice: list[str] | None = None
+    #: An EBNF grammar (llama.cpp's GBNF dialect, start rule ``root``) the output parses with.
+    grammar: str | None = None
+    #: Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``).
+    json_object: bool | None = None
+    #: An xgrammar structural tag (a dict or its JSON text): free text with constrained tagged parts.
+    structural_tag: str | dict[str, Any] | None = None
+    #: Guided-decoding backend plugin for this request; default: the engine's ``guided_decoding_backend``.
+    backend: str | None = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        chosen = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError(f"structured_outputs: exactly one of {', '.join(self.KINDS)} must be set, "
+                             f"got {', '.join(chosen) or 'none'}")
+        for name in ("json", "structural_tag"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    json.loads(value)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.{name} is not valid JSON: {e}") from None
+            elif value is not None and not isinstance(value, (dict, bool)):
+                raise ValueError(f"structured_outputs.{name} must be a dict or JSON text, got {type(value).__name__}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+        for name in ("regex", "grammar", "backend"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+
+    @property
+    def kind(self) -> str:
+        """The one constraint that is set: json, regex, choice, grammar, json_object or structural_tag."""
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def cache_key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal for equal constraints, e.g. the same schema with keys reordered."""
+        value = getattr(self, self.kind)
+        if self.kind in ("json", "structural_tag"):
+            value = json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+        elif self.kind == "choice":
+            value = json.dumps(value)
+        return self.kind, str(value)
+
+
+#: vLLM's older name.
+GuidedDecodingParams = StructuredOutputsParams
 
 
 @dataclass
@@ -64,6 +130,11 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     #: Free-form per-request options for third-party logits processors.
     extra_args: dict[str, Any] | None = None
+    #: Constrain the output to a JSON schema, regex, choice list or grammar (a
+    #: :class:`StructuredOutputsParams` or a dict of its fields).
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    #: vLLM's older name for ``structured_outputs``.
+    guided_decoding: StructuredOutputsParams | dict[str, Any] | None = None
 
     # Filled by the engine: the token-id form of ``bad_words`` and the model's EOS.
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
@@ -80,6 +151,21 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        self._resolve_structured_outputs()
+
+    def _resolve_structured_outputs(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("SamplingParams.guided_decoding is the older name of structured_outputs; set only one")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            unknown = set(self.structured_outputs) - {f.name for f in fields(StructuredOutputsParams)}
+            if unknown:
+                raise ValueError(f"SamplingParams.structured_outputs has unknown key(s): {', '.join(sorted(unknown))}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"SamplingParams.structured_outputs must be a StructuredOutputsParams or a dict, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     def _validate(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 import struct
 from collections.abc import Iterator
@@ -154,6 +155,10 @@ class GGUFFile:
         data = self._blob[info.offset : info.offset + info.num_bytes]
         return data.reshape(*info.shape[:-1], -1)
 
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory once weights are loaded (re-read on demand)."""
+        self._blob._mmap.madvise(mmap.MADV_DONTNEED)
+
     def dequantize(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor as float32 (a fresh, writable array) in torch shape order."""
         values = dequantize(self.raw(info), info.ggml_type)
@@ -250,9 +255,10 @@ def reverse_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class GGUFModelSource(ModelSource):
-    """A single .gguf file: config and tokenizer from its metadata, weights dequantized to float."""
+    """A single .gguf file: config and tokenizer from its metadata, weights raw or dequantized to float."""
 
     format = "gguf"
+    can_dequantize = True
 
     def __init__(self, path: Path, tokenizer_path: Path | None = None, cache_dir: Path | None = None):
         super().__init__(path, tokenizer_path, cache_dir)
@@ -260,20 +266,37 @@ class GGUFModelSource(ModelSource):
         self.hf_config = build_hf_config(self.gguf)
         self.checkpoint_dtype = self.gguf.stored_dtype()
         self._hf_names = [gguf_to_hf_name(info.name) for info in self.gguf.tensors]  # fail early on unknowns
+        if any(len(t.shape) >= 2 and t.ggml_type not in _FLOAT_TYPES for t in self.gguf.tensors):
+            self.quantization_config = {"quant_method": "gguf"}  # the `gguf` quantization method runs it natively
 
     def _load_own_tokenizer(self):
         return load_gguf_tokenizer(self.path, self.cache_dir, self.gguf.metadata.get("tokenizer.chat_template"))
 
     def iter_weights(self, dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Dequantized (float32, then `dtype`) weights; no `lm_head.weight` when the embedding is tied."""
+        """Weights by Hugging Face name; no `lm_head.*` when the embedding is tied.
+
+        Dequantized (float32, then `dtype`) unless `quantized`: then every 2-D tensor comes as
+        `<module>.qweight_type` (its ggml type, a 0-d integer tensor) followed by
+        `<module>.qweight` (its raw blocks, `[rows, bytes_per_row]` uint8) for the `gguf`
+        quantization method; 1-D tensors (norms, biases) stay float.
+        """
         config = self.hf_config
         permuted = SUPPORTED_ARCHITECTURES[self.gguf.metadata["general.architecture"]][2]
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         for info, name in zip(self.gguf.tensors, self._hf_names):
             if name is None:
                 continue
-            weight = torch.from_numpy(self.gguf.dequantize(info))
             module = name.rsplit(".", 2)[-2]
+            if quantized and len(info.shape) == 2:
+                raw = torch.from_numpy(np.array(self.gguf.raw(info)))  # a copy, so the file's pages can go
+                if permuted and module in heads:
+                    raw = reverse_permute(raw, heads[module])  # rows hold whole blocks: permute them as rows
+                stem = name.removesuffix("weight")
+                yield stem + "qweight_type", torch.tensor(int(info.ggml_type))
+                yield stem + "qweight", raw
+                continue
+            weight = torch.from_numpy(self.gguf.dequantize(info))
             if permuted and module in heads:
                 weight = reverse_permute(weight, heads[module])
             yield name, weight.to(dtype)
+        self.gguf.release_pages()

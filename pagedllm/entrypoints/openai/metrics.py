@@ -7,7 +7,6 @@ counters and latency histograms are fed by a RequestTracker as outputs arrive.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -92,8 +91,8 @@ class RequestTracker:
         self.num_tokens: dict[int, int] = {}  # sample index -> tokens seen
         self.last_token_time: float | None = None
 
-    def observe(self, output: RequestOutput) -> None:
-        now = time.monotonic()
+    def observe(self, output: RequestOutput, produced: float) -> None:
+        """Count one output, produced by the engine at ``produced`` (``time.monotonic()``)."""
         m = self.metrics
         new = {c.index: len(c.token_ids) - self.num_tokens.get(c.index, 0) for c in output.outputs}
         num_new = sum(new.values())
@@ -107,9 +106,9 @@ class RequestTracker:
                 # Samples advance together: a step that brought k tokens to a sample is k intervals.
                 steps = max(new.values())
                 for _ in range(steps):
-                    m.itl.observe((now - self.last_token_time) / steps)
+                    m.itl.observe((produced - self.last_token_time) / steps)
             m.generation_tokens.inc(num_new)
-            self.last_token_time = now
+            self.last_token_time = produced
             self.num_tokens.update({c.index: len(c.token_ids) for c in output.outputs})
         if output.finished:
             metrics = output.metrics

@@ -92,6 +92,8 @@ class _SamplingRequest(OpenAIModel):
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    #: Name tokens in logprobs "token_id:<id>" (distinct even where texts are not, e.g. partial UTF-8).
+    return_tokens_as_token_ids: bool = False
     # Structured output: accepted by the schema, implemented in its own issue.
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None

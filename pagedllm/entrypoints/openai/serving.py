@@ -167,12 +167,11 @@ class OpenAIServing:
 
     async def follow(self, stream: RequestStream, prompt: EnginePrompt) -> AsyncIterator[RequestOutput]:
         """Yield a request's outputs while feeding metrics; log one line when it ends; abort if left early."""
-        tracker = RequestTracker(self.metrics)
+        stream.on_output = RequestTracker(self.metrics).observe
         start = time.monotonic()
         last: RequestOutput | None = None
         try:
             async for output in stream:
-                tracker.observe(output)
                 last = output
                 yield output
         finally:
@@ -246,6 +245,11 @@ async def until_disconnected(receive: Any, coro: Any) -> Any:
         logger.info("client disconnected; its request was aborted")
         return None
     return work.result()
+
+
+def token_name(token_id: int, text: str | None, as_id: bool) -> str:
+    """How a token is named in logprobs: its text, or ``token_id:<id>`` when asked."""
+    return f"token_id:{token_id}" if as_id else text or ""
 
 
 def logprob_value(logprob: float) -> float:

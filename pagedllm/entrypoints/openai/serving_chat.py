@@ -32,23 +32,25 @@ from pagedllm.entrypoints.openai.serving import (
     prompt_logprobs_json,
     sse,
     stream_error,
+    token_name,
 )
 
 
-def _logprob(token: str | None, logprob: float) -> dict:
-    token = token or ""
+def _logprob(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob_value(logprob), "bytes": list(token.encode("utf-8"))}
 
 
-def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs], num_top: int) -> ChatChoiceLogProbs:
+def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs], num_top: int,
+                  as_ids: bool = False) -> ChatChoiceLogProbs:
     """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and the ``num_top`` most likely."""
     content = []
     for token_id, position in zip(token_ids, positions):
         chosen = position[token_id]
-        top = sorted((lp for lp in position.values() if lp.rank <= num_top), key=lambda lp: lp.rank)[:num_top]
+        top = sorted((item for item in position.items() if item[1].rank <= num_top), key=lambda item: item[1].rank)
         content.append(ChatLogProbsContent(
-            **_logprob(chosen.decoded_token, chosen.logprob),
-            top_logprobs=[ChatLogProb(**_logprob(lp.decoded_token, lp.logprob)) for lp in top],
+            **_logprob(token_name(token_id, chosen.decoded_token, as_ids), chosen.logprob),
+            top_logprobs=[ChatLogProb(**_logprob(token_name(i, lp.decoded_token, as_ids), lp.logprob))
+                          for i, lp in top[:num_top]],
         ))
     return ChatChoiceLogProbs(content=content)
 
@@ -101,7 +103,7 @@ class ChatServing:
         choices = [
             ChatChoice(
                 index=c.index, message=ChatResponseMessage(content=prefix + c.text),
-                logprobs=chat_logprobs(c.token_ids, c.logprobs or [], num_top) if request.logprobs else None,
+                logprobs=chat_logprobs(c.token_ids, c.logprobs or [], num_top, request.return_tokens_as_token_ids) if request.logprobs else None,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             )
             for c in final.outputs
@@ -138,11 +140,12 @@ class ChatServing:
                             continue
                         text = c.text[sent_chars[c.index]:]
                         new_ids = c.token_ids[sent_tokens[c.index]:]
-                        if not text and not new_ids and not c.finished:
+                        if not (text or c.finished or (request.logprobs and new_ids)):
                             continue
                         logprobs = None
                         if request.logprobs:
-                            logprobs = chat_logprobs(new_ids, (c.logprobs or [])[sent_tokens[c.index]:], num_top)
+                            logprobs = chat_logprobs(new_ids, (c.logprobs or [])[sent_tokens[c.index]:], num_top,
+                                                     request.return_tokens_as_token_ids)
                         sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
                         if c.finished:
                             done.add(c.index)

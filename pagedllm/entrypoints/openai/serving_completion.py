@@ -27,6 +27,7 @@ from pagedllm.entrypoints.openai.serving import (
     prompt_logprobs_json,
     sse,
     stream_error,
+    token_name,
 )
 
 logger = logging.getLogger("pagedllm.entrypoints.openai")
@@ -43,19 +44,26 @@ def _prompt_list(prompt: str | list[int] | list[str] | list[list[int]]) -> list[
 
 
 def completion_logprobs(
-    token_ids: Sequence[int], positions: Sequence[PositionLogprobs | None], tokenizer, text_offset: int
+    token_ids: Sequence[int], positions: Sequence[PositionLogprobs | None], tokenizer, text_offset: int,
+    as_ids: bool = False,
 ) -> CompletionLogProbs:
-    """OpenAI's completions shape; a position without logprobs (the first prompt token) gets None."""
+    """OpenAI's completions shape; a position without logprobs (the first prompt token) gets None.
+
+    Where two top tokens share a text, the key keeps the more likely one's logprob.
+    """
     out = CompletionLogProbs()
     for token_id, position in zip(token_ids, positions):
         if position is None:
-            token = tokenizer.decode([token_id])
+            token = token_name(token_id, tokenizer.decode([token_id]), as_ids)
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
         else:
-            token = position[token_id].decoded_token or ""
+            token = token_name(token_id, position[token_id].decoded_token, as_ids)
             out.token_logprobs.append(logprob_value(position[token_id].logprob))
-            out.top_logprobs.append({lp.decoded_token or "": logprob_value(lp.logprob) for lp in position.values()})
+            top: dict[str, float] = {}
+            for top_id, lp in sorted(position.items(), key=lambda item: item[1].rank):
+                top.setdefault(token_name(top_id, lp.decoded_token, as_ids), logprob_value(lp.logprob))
+            out.top_logprobs.append(top)
         out.tokens.append(token)
         out.text_offset.append(text_offset)
         text_offset += len(token)
@@ -95,7 +103,8 @@ class CompletionServing:
         if echo:
             token_ids = prompt.token_ids + token_ids
             positions = list(output.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
-        return completion_logprobs(token_ids, positions, self.serving.tokenizer, text_offset)
+        return completion_logprobs(token_ids, positions, self.serving.tokenizer, text_offset,
+                                   request.return_tokens_as_token_ids)
 
     async def _collect(self, request: CompletionRequest, request_id: str, prompts: list[EnginePrompt],
                        outputs: list[AsyncIterator[RequestOutput]]) -> CompletionResponse:
@@ -140,7 +149,9 @@ class CompletionServing:
                         first = index not in sent_tokens
                         num_chars, num_tokens = sent_chars.get(index, 0), sent_tokens.get(index, 0)
                         text = completion.text[num_chars:]
-                        if not first and not text and len(completion.token_ids) == num_tokens and not completion.finished:
+                        new_logprobs = request.logprobs is not None and len(completion.token_ids) > num_tokens
+                        starts = first and (request.echo or request.prompt_logprobs is not None)
+                        if not (text or new_logprobs or starts or completion.finished):
                             continue
                         echo = request.echo and first
                         prefix = self.serving.prompt_text(prompt) if echo else ""

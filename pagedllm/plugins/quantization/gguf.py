@@ -110,7 +110,7 @@ class GGUFLinearMethod(LinearMethod):
         if tuple(tensor.shape) != expected or tensor.dtype != torch.uint8 or layer.in_features % block_size:
             raise ValueError(f"{where}: expected {qtype.name} blocks of shape {expected} (uint8), "
                              f"got {tuple(tensor.shape)} ({tensor.dtype})")  # fmt: skip
-        layer.gguf_raw[shard] = tensor.to(layer.gguf_device, copy=True)  # own memory: the file map is released
+        layer.gguf_raw[shard] = tensor.to(layer.gguf_device)
 
     def process_weights_after_loading(self, layer):
         if not self.is_embedding:  # an embedding builds its kernels on first use as an LM head (tied)

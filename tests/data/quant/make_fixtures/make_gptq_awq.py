@@ -46,7 +46,9 @@ def make_gptq(base_root, out_root, name, base, bits, group, desc_act, sym):
     calib = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calibration_ids(vocab)]
     if not os.path.exists(os.path.join(out, "model.safetensors")):  # delete OUT/name to quantize again
         t = time.time()
-        model = GPTQModel.load(base, QuantizeConfig(bits=bits, group_size=group, desc_act=desc_act, sym=sym), device="cpu")
+        config = QuantizeConfig(bits=bits, group_size=group, desc_act=desc_act, sym=sym,
+                                act_group_aware=group > 0)  # GAR needs groups; gptqmodel refuses it with -1
+        model = GPTQModel.load(base, config, device="cpu")
         model.quantize(calib, batch_size=1)
         model.save(out)
         print(f"== {name}: quantized in {time.time() - t:.1f}s")

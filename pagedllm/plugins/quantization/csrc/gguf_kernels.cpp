@@ -1,0 +1,315 @@
+// GGUF blocks on the CPU: y = x @ W.T straight from the raw blocks, and row dequantization.
+//
+// Each block is decoded to float32 exactly as gguf-py / ggml dequantize it (scale times
+// value plus min, per block or sub-block), then multiplied with float32 activations. So the
+// result is the float path's, up to summation order, while only the 4.5 - 8.5 bits per
+// weight of the blocks are read from memory. The decode loops have fixed trip counts
+// and vectorise (-O3 -march=native).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ggml type ids (gguf.GGMLQuantizationType)
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+inline float f16(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+struct Format {
+  int64_t block_values;  // values per block
+  int64_t block_bytes;
+};
+
+Format format_of(int64_t type) {
+  switch (type) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "gguf kernels: unsupported ggml type ", type);
+}
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j (ggml's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Decode one block of `type` into `w` (block_values floats).
+inline void decode(int64_t type, const uint8_t* b, float* w) {
+  switch (type) {
+    case Q4_0: {
+      const float d = f16(b);
+      for (int j = 0; j < 16; ++j) {
+        w[j] = d * (float)((int)(b[2 + j] & 0xF) - 8);
+        w[j + 16] = d * (float)((int)(b[2 + j] >> 4) - 8);
+      }
+      return;
+    }
+    case Q4_1: {
+      const float d = f16(b), m = f16(b + 2);
+      for (int j = 0; j < 16; ++j) {
+        w[j] = d * (float)(b[4 + j] & 0xF) + m;
+        w[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+      }
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {
+      const bool has_min = type == Q5_1;
+      const float d = f16(b), m = has_min ? f16(b + 2) : 0.f;
+      uint32_t qh;
+      std::memcpy(&qh, b + (has_min ? 4 : 2), 4);
+      const uint8_t* qs = b + (has_min ? 8 : 6);
+      const int offset = has_min ? 0 : 16;
+      for (int j = 0; j < 16; ++j) {
+        const int lo = (qs[j] & 0xF) | (((qh >> j) & 1) << 4);
+        const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        w[j] = d * (float)(lo - offset) + m;
+        w[j + 16] = d * (float)(hi - offset) + m;
+      }
+      return;
+    }
+    case Q8_0: {
+      const float d = f16(b);
+      const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+      for (int j = 0; j < 32; ++j) w[j] = (float)q[j] * d;
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const float d = f16(b), dmin = f16(b + 2);
+      const uint8_t* scales = b + 4;
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 8; ++j) {  // sub-blocks of 32: pairs share 32 bytes (low, high nibbles)
+        uint8_t sc, mn;
+        scale_min_k4(j, scales, &sc, &mn);
+        const float scale = d * (float)sc, minimum = dmin * (float)mn;
+        const uint8_t* q = qs + (j / 2) * 32;
+        const int shift = (j % 2) * 4;
+        for (int l = 0; l < 32; ++l) {
+          int v = (q[l] >> shift) & 0xF;
+          if (five) v |= ((qh[l] >> j) & 1) << 4;
+          w[j * 32 + l] = scale * (float)v - minimum;
+        }
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16(b + 208);
+      for (int j = 0; j < 8; ++j) {  // sub-blocks of 32 (two scales of 16 each)
+        const int half = j / 4, quarter = j % 4;
+        for (int l = 0; l < 32; ++l) {
+          const int lo = (ql[half * 64 + (quarter % 2) * 32 + l] >> ((quarter / 2) * 4)) & 0xF;
+          const int hi = (qh[half * 32 + l] >> (quarter * 2)) & 3;
+          const int idx = j * 32 + l;
+          w[idx] = d * (float)sc[idx / 16] * (float)((lo | (hi << 4)) - 32);
+        }
+      }
+      return;
+    }
+  }
+}
+
+// The 32-value block types as w = d * q + min: q in 4 x 8 floats (unscaled), d and min per block.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+constexpr bool kHaveAvx2 = true;
+
+inline float f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// 16 bytes of nibbles: values 0..15 are the low nibbles, 16..31 the high ones.
+inline void nibbles_to_float(const uint8_t* qs, __m256* v) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+template <int64_t TYPE>
+inline void block_values(const uint8_t* b, __m256* q, float* d, float* minimum) {
+  if constexpr (TYPE == Q8_0) {
+    *d = f16c(b);
+    *minimum = 0.f;
+    for (int i = 0; i < 4; ++i) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+  } else if constexpr (TYPE == Q4_0) {
+    *d = f16c(b);
+    *minimum = -8.f * *d;
+    nibbles_to_float(b + 2, q);
+  } else {  // Q4_1
+    *d = f16c(b);
+    *minimum = f16c(b + 2);
+    nibbles_to_float(b + 4, q);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows [n0, n1) of y for up to kMaxRows rows of x: sum over blocks of d * (q . x) + min * sum(x).
+constexpr int64_t kMaxRows = 8;
+
+template <int64_t TYPE>
+void rows_avx2(const float* x, int64_t M, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
+               float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
+  const int64_t num_blocks = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[kMaxRows];
+    float acc_min[kMaxRows];
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      acc_min[m] = 0.f;
+    }
+    const uint8_t* row = raw + n * row_bytes;
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      __m256 q[4];
+      float d, minimum;
+      block_values<TYPE>(row + blk * bytes, q, &d, &minimum);
+      const __m256 vd = _mm256_set1_ps(d);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = x + m * K + blk * 32;
+        __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+        t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), t);
+        t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), t);
+        t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), t);
+        acc[m] = _mm256_fmadd_ps(vd, t, acc[m]);
+        acc_min[m] += minimum * xsum[m * num_blocks + blk];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) + acc_min[m];
+  }
+}
+#else
+constexpr bool kHaveAvx2 = false;
+constexpr int64_t kMaxRows = 8;
+#endif
+
+// Any type: decode each block to floats once, then dot it with every row of x.
+template <int64_t TYPE>
+void rows_generic(const float* x, int64_t M, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N,
+                  int64_t n0, int64_t n1) {
+  const Format f = format_of(TYPE);
+  const int64_t num_blocks = K / f.block_values;
+  float w[256];
+  float acc[kMaxRows];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+    const uint8_t* row = raw + n * row_bytes;
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      decode(TYPE, row + blk * f.block_bytes, w);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = x + m * K + blk * f.block_values;
+        float sum = 0.f;
+        for (int64_t j = 0; j < (TYPE >= Q4_K ? 256 : 32); ++j) sum += w[j] * xb[j];
+        acc[m] += sum;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  }
+}
+
+template <int64_t TYPE>
+void mul_mat_rows(const float* x, int64_t M, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
+                  float* y, int64_t N, int64_t n0, int64_t n1) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q8_0) {
+    rows_avx2<TYPE>(x, M, K, xsum, raw, row_bytes, y, N, n0, n1);
+    return;
+  }
+#endif
+  rows_generic<TYPE>(x, M, K, raw, row_bytes, y, N, n0, n1);
+}
+
+}  // namespace
+
+// x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
+// Every weight block is decoded once and used for all M rows of x (decode-sized batches).
+torch::Tensor gguf_mul_mat(torch::Tensor x, torch::Tensor raw, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "gguf_mul_mat takes at most ", kMaxRows, " rows of x");
+  const Format f = format_of(type);
+  x = x.contiguous();
+  raw = raw.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
+  TORCH_CHECK(K % f.block_values == 0 && row_bytes == K / f.block_values * f.block_bytes, "raw blocks do not match K");
+  const auto xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();  // per 32 values: the min term's factor
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* sp = xsum.data_ptr<float>();
+  const uint8_t* rp = raw.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+    switch (type) {
+      case Q4_0: return mul_mat_rows<Q4_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q4_1: return mul_mat_rows<Q4_1>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q5_0: return mul_mat_rows<Q5_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q5_1: return mul_mat_rows<Q5_1>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q8_0: return mul_mat_rows<Q8_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q4_K: return mul_mat_rows<Q4_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q5_K: return mul_mat_rows<Q5_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+      case Q6_K: return mul_mat_rows<Q6_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+    }
+  });
+  return y;
+}
+
+// raw [N, bytes] uint8 -> [N, K] float32.
+torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type) {
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
+  const Format f = format_of(type);
+  raw = raw.contiguous();
+  const int64_t N = raw.size(0), num_blocks = raw.size(1) / f.block_bytes;
+  auto out = torch::empty({N, num_blocks * f.block_values}, raw.options().dtype(torch::kFloat32));
+  const uint8_t* rp = raw.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * num_blocks, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) decode(type, rp + i * f.block_bytes, op + i * f.block_values);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gguf_mul_mat", &gguf_mul_mat, "x @ W.T with W as raw GGUF blocks (float32, at most 8 rows of x)");
+  m.def("gguf_dequantize", &gguf_dequantize, "raw GGUF blocks -> float32 rows");
+}
