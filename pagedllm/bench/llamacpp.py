@@ -19,13 +19,17 @@ from pagedllm.bench.workloads import Workload
 
 
 class LlamaCpp:
-    def __init__(self, gguf_path: str, n_ctx: int, parallel: int, n_threads: int, n_batch: int = 2048) -> None:
+    def __init__(self, gguf_path: str, n_ctx: int, parallel: int, n_threads: int, n_batch: int = 2048,
+                 use_extra_bufts: bool = False) -> None:
         import llama_cpp as lc
 
         self.lc = lc
         lc.llama_backend_init()
         _silence(lc)
         mparams = lc.llama_model_default_params()
+        # The AMX repacking buffers crash on machines whose CPU reports AMX that the VM
+        # does not let user code use (seen here); the plain CPU kernels are still AVX2/AVX-512.
+        mparams.use_extra_bufts = use_extra_bufts
         self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
