@@ -155,7 +155,8 @@ def test_quantization_option_conflicts_are_named(checkpoints):
         _engine(quantized, quantization="none")
     with pytest.raises(ValueError, match="quantization='gguf'.*quantized with 'toy-int8'"):
         _engine(quantized, quantization="gguf")
-    with pytest.raises(ValueError, match="quantization 'nope' is not available; available: gguf, toy-int8"):
+    with pytest.raises(ValueError, match="quantization 'nope' is not available; available: awq, bitsandbytes, bitsandbytes-fp4, "
+                       "bitsandbytes-int8, compressed-tensors, gguf, gptq, toy-int8"):
         _engine(dequantized, quantization="nope")
 
 

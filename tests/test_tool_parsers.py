@@ -10,7 +10,7 @@ import pytest
 
 import pagedllm.plugins.parsers as parsers_plugin
 from pagedllm.core.parsers import DeltaMessage, accumulate_deltas
-from pagedllm.plugins.parsers.tool_parser import ToolParser
+from pagedllm.core.tool_parser import ToolParser
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 NESTED = {"query": {"filters": [{"field": "année", "op": "≥", "value": 2020}], "limit": 5}, "tags": ["🚀", "naïve"]}

@@ -229,16 +229,33 @@ def pagedllm_register_logits_processors(register: Register) -> None:
 def pagedllm_register_guided_decoding_backends(register: Register) -> None:
     """Register guided-decoding (structured output) backends.
 
-    ``target`` is a class constructed with the tokenizer and vocabulary size; it
-    compiles a request's constraint (JSON schema, regex, choice, EBNF grammar) into a
-    matcher that yields a token bitmask each step and accepts the sampled token. The
-    sampler applies the masks batched, so guided and free requests share a step.
+    The engine picks one by the ``guided_decoding_backend`` option; a request may name
+    another in ``SamplingParams.structured_outputs.backend``. ``target`` is a class
+    constructed once per engine, on first use, as
+    ``cls(tokenizer, vocab_size, stop_token_ids=[...])`` (``vocab_size`` is the model's,
+    which may exceed the tokenizer's: ids the tokenizer lacks must stay masked), with:
+
+    - ``validate(spec)``: raise ``ValueError`` naming the problem if the
+      :class:`~pagedllm.core.sampling_params.StructuredOutputsParams` ``spec`` (JSON
+      schema, any JSON object, regex, choice, EBNF grammar, structural tag) cannot be
+      compiled. Called by ``add_request``, so it must be quick;
+    - ``compile(spec) -> compiled``: the slow part, run in a worker thread while the
+      engine keeps stepping; cache it (the same constraint twice compiles once);
+    - ``new_matcher(compiled) -> matcher``: one per sequence (``n > 1`` gets ``n``),
+      with ``accept_token(token_id) -> bool`` and ``is_terminated() -> bool``. It lives
+      on the request, so it survives preemption (recompute never re-feeds tokens);
+    - ``apply_masks(logits, rows, matchers)``: set to ``-inf``, in place, every token of
+      ``logits[rows[i]]`` (``[num_reqs, vocab_size]`` float32) that ``matchers[i]`` does
+      not allow next, for all guided rows of the step at once.
+
+    The engine feeds each sampled token to the matcher and ends the request when it
+    is terminated (the constraint is complete and a stop token was sampled).
 
     Example::
 
         @hookimpl
         def pagedllm_register_guided_decoding_backends(register):
-            register("xgrammar", "pagedllm.plugins.backends.xgrammar:XGrammarBackend")
+            register("xgrammar", "pagedllm.plugins.guided.xgrammar_backend:XGrammarBackend")
     """
 
 
@@ -249,10 +266,25 @@ def pagedllm_register_guided_decoding_backends(register: Register) -> None:
 def pagedllm_register_tool_parsers(register: Register) -> None:
     """Register tool-call parsers (``--tool-call-parser NAME``).
 
-    ``target`` is a class constructed with the tokenizer, with
-    ``extract_tool_calls(text, request)`` for finished text and
-    ``extract_tool_calls_streaming(previous_text, current_text, delta_text, ...)`` for
-    streams, returning OpenAI-shaped tool calls or deltas.
+    ``target`` is a class constructed as ``cls(tokenizer)``, one instance per streamed
+    request (it keeps what it has sent), with:
+
+    - ``extract_tool_calls(text, request) -> ExtractedToolCalls`` for finished text:
+      ``tools_called``, ``tool_calls`` (:class:`~pagedllm.core.parsers.ToolCall`: id
+      in OpenAI's ``call_...`` form, type ``"function"``, name, arguments as JSON text)
+      and ``content`` (the text outside the calls, None if blank);
+    - ``extract_tool_calls_streaming(previous_text, current_text, delta_text,
+      previous_token_ids, current_token_ids, delta_token_ids, request, *,
+      finished=False) -> DeltaMessage | None``: what the text so far adds, as content
+      and :class:`~pagedllm.core.parsers.DeltaToolCall` parts (index, and on a call's
+      first part its id, type and name; then argument fragments). Called for every
+      chunk and once more with ``finished=True`` at the end of the stream.
+
+    Malformed or truncated calls are returned as content, never raised. The
+    accumulated stream must equal the finished result. ``request`` is the server's
+    request (its ``tools``), which a parser may ignore. Subclassing
+    :class:`pagedllm.core.tool_parser.ToolParser` gives all of this from two
+    methods (where a call region starts, what it holds).
 
     Example::
 
@@ -266,14 +298,24 @@ def pagedllm_register_tool_parsers(register: Register) -> None:
 def pagedllm_register_reasoning_parsers(register: Register) -> None:
     """Register reasoning parsers (``--reasoning-parser NAME``).
 
-    ``target`` is a class constructed with the tokenizer that splits model text into
-    ``reasoning_content`` and ``content``, for finished text and for streams.
+    The engine option ``reasoning_parser`` names one. ``target`` is a class
+    constructed as ``cls(tokenizer)``, one instance per streamed request, with:
+
+    - ``extract_reasoning_content(text, request) -> (reasoning_content, content)`` for
+      finished text (each None when blank);
+    - ``extract_reasoning_content_streaming(previous_text, current_text, delta_text,
+      previous_token_ids, current_token_ids, delta_token_ids, request, *,
+      finished=False) -> DeltaMessage | None`` for streams (``reasoning_content`` and
+      ``content`` deltas), called once more with ``finished=True`` at the end;
+    - ``is_reasoning_end(output) -> bool`` on output token ids (or text): whether the
+      reasoning is over. The engine asks it for guided requests, whose constraint
+      applies only from then on.
 
     Example::
 
         @hookimpl
         def pagedllm_register_reasoning_parsers(register):
-            register("deepseek_r1", "pagedllm.plugins.parsers.deepseek_r1:DeepSeekR1ReasoningParser")
+            register("deepseek_r1", "pagedllm.plugins.parsers.reasoning:DeepSeekR1ReasoningParser")
     """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +36,13 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
-        # One tensor for the whole cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = torch.zeros(
-            spec.num_layers, 2, kv_cache.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device
-        )
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         if len(layers) != spec.num_layers:
             raise ValueError(f"model declares {spec.num_layers} KV-cache layers but has {len(layers)} attention layers")
+        # One tensor for the whole cache: [num_layers, 2, num_blocks, ...]; the attention
+        # backend lays out each block (default [block_size, num_kv_heads, head_dim]).
+        shape = _kv_cache_shape(layers[0].backend, kv_cache.num_blocks, self.block_size, spec)
+        self.kv_caches = torch.zeros(spec.num_layers, *shape, dtype=dtype, device=device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_caches[i]
 
@@ -111,3 +112,14 @@ class ModelRunner:
         input_ids = torch.tensor([t for chunk in ids for t in chunk], dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos)).to(dev)
         return input_ids, positions, metadata, sample_rows, prompt_rows
+
+
+def _kv_cache_shape(backend, num_blocks: int, block_size: int, spec: KVCacheSpec) -> tuple[int, ...]:
+    """One layer's cache shape as the backend wants it: [2, num_blocks, ...], sized like the spec."""
+    shape_fn = getattr(backend, "kv_cache_shape", None)
+    shape = tuple(shape_fn(num_blocks, block_size)) if shape_fn else (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    per_block = block_size * spec.num_kv_heads * spec.head_dim
+    if shape[:2] != (2, num_blocks) or math.prod(shape) != 2 * num_blocks * per_block:
+        raise ValueError(f"attention backend {type(backend).__name__} asks for a KV cache of shape {shape}, "
+                         f"expected [2, {num_blocks}, ...] holding {per_block} elements per block")
+    return shape

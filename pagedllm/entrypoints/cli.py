@@ -129,11 +129,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    options = _engine_options(args)  # config-file errors first, before the heavy imports
     from pagedllm.entrypoints.openai.api_server import run_server
 
     if args.log_level.upper() == "WARNING":  # left at its default: a server shows its banner and request log
         logging.getLogger("pagedllm").setLevel(logging.INFO)
-    return run_server(_engine_options(args))
+    return run_server(options)
 
 
 def _add_serve_parser(sub: Any) -> None:

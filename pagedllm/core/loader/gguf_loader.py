@@ -288,9 +288,11 @@ class GGUFModelSource(ModelSource):
                 continue
             module = name.rsplit(".", 2)[-2]
             if quantized and len(info.shape) == 2:
-                raw = torch.from_numpy(np.array(self.gguf.raw(info)))  # a copy, so the file's pages can go
-                if permuted and module in heads:
-                    raw = reverse_permute(raw, heads[module])  # rows hold whole blocks: permute them as rows
+                raw = self.gguf.raw(info)
+                if permuted and module in heads:  # rows hold whole blocks: undo the permutation on rows
+                    rows, num_heads = raw.shape[0], heads[module]
+                    raw = raw.reshape(num_heads, rows // num_heads // 2, 2, -1).swapaxes(1, 2)
+                raw = torch.from_numpy(np.array(raw, order="C").reshape(info.shape[0], -1))  # copied: see release_pages
                 stem = name.removesuffix("weight")
                 yield stem + "qweight_type", torch.tensor(int(info.ggml_type))
                 yield stem + "qweight", raw

@@ -41,7 +41,9 @@ class HFModelSource(ModelSource):
     def iter_weights(self, dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for file in self.checkpoint_files:
             for name, tensor in _iter_file(file):
-                yield name, cast_weight(tensor, dtype)
+                # A quantization method gets its scales / code books as stored (a bfloat16 cast
+                # would round fp16 GPTQ scales and bnb's fp32 quant maps); parameters cast on copy.
+                yield name, tensor if quantized else cast_weight(tensor, dtype)
 
 
 def cast_weight(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

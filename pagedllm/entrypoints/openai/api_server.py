@@ -14,7 +14,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
-from pagedllm.core.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError, EngineStepError
+from pagedllm.core.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStepError,
+)
 from pagedllm.core.config import EngineConfig, ServerConfig
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (

@@ -17,7 +17,12 @@ from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.request import PositionLogprobs
 from pagedllm.core.sampling_params import SamplingParams
 from pagedllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
-from pagedllm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse, RequestError
+from pagedllm.entrypoints.openai.protocol import (
+    ChatMessage,
+    ErrorInfo,
+    ErrorResponse,
+    RequestError,
+)
 
 logger = logging.getLogger("pagedllm.entrypoints.openai")
 

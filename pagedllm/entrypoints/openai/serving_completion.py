@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from pagedllm.core.outputs import CompletionOutput, RequestOutput
 from pagedllm.core.request import PositionLogprobs

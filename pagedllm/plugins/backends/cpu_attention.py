@@ -1,4 +1,5 @@
-"""The CPU attention backend: decodes read the paged cache in place through a small C++ kernel."""
+"""The CPU attention backend: one C++ call per layer writes the new keys and values and
+attends every request of the step (decodes and prefill chunks) over the paged cache in place."""
 
 from __future__ import annotations
 
@@ -25,28 +26,42 @@ def load_kernel():
         from torch.utils.cpp_extension import load
 
         return load(
-            name="pagedllm_paged_attention",
+            name="pagedllm_paged_attention_v2",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, ...: the torch path still works
-        logger.warning("pagedllm: CPU attention kernel unavailable (%s); using the torch reference for decodes", exc)
+        logger.warning("pagedllm: CPU attention kernel unavailable (%s); using the torch reference backend", exc)
         return None
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Prefill chunks as the torch backend; decodes through the in-place paged kernel (float32)."""
+    """Paged attention in C++ (float32, bfloat16 or float16 cache; float32 compute).
+
+    Its cache tiles one (block, kv head) contiguously, keys transposed (see the kernel
+    source), so the kernel's inner loops are contiguous AXPYs. Without a C++ tool chain it
+    is the torch backend, layout included.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
         super().__init__(num_heads, head_dim, num_kv_heads, scale)
         self.kernel = load_kernel()
 
-    def _decode(self, q, key_cache, value_cache, batch: AttentionMetadata) -> torch.Tensor:
-        if self.kernel is None or q.dtype != torch.float32 or key_cache.dtype != torch.float32 or q.device.type != "cpu":
-            return super()._decode(q, key_cache, value_cache, batch)
-        num_decodes = q.shape[0]
-        return self.kernel.paged_decode_attention(
-            q, key_cache, value_cache, batch.block_tables[:num_decodes], batch.seq_lens[:num_decodes], self.scale
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        if self.kernel is None:
+            return super().kv_cache_shape(num_blocks, block_size)
+        return (2, num_blocks, self.num_kv_heads, block_size * self.head_dim)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata
+    ) -> torch.Tensor:
+        if self.kernel is None:
+            return super().forward(q, k, v, kv_cache, batch)
+        if q.device.type != "cpu":
+            raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, got {q.device}; use attention_backend='torch'")
+        return self.kernel.paged_attention(
+            q, k, v, kv_cache, batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            batch.num_decodes, batch.block_size, self.scale,
         )

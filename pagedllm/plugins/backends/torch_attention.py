@@ -22,6 +22,10 @@ class TorchAttentionBackend:
         self.num_kv_heads = num_kv_heads
         self.scale = scale
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache: keys then values, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata
     ) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedllm.plugins.parsers.tool_parser import (
+from pagedllm.core.tool_parser import (
     Segments,
     ToolParser,
     call_from_dict,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from pagedllm.core.parsers import FunctionCall, make_tool_call_id
-from pagedllm.plugins.parsers.tool_parser import (
+from pagedllm.core.tool_parser import (
     Segments,
     ToolParser,
     arguments_json,

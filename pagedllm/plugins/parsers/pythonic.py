@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from pagedllm.core.parsers import FunctionCall
-from pagedllm.plugins.parsers.tool_parser import Segments, ToolParser, held_back, skip_whitespace
+from pagedllm.core.tool_parser import Segments, ToolParser, held_back, skip_whitespace
 
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"  # Llama 4 wraps the list in these
 _START = re.compile(r"(?:<\|python_start\|>\s*)?\[\s*[A-Za-z_][\w.]*\s*\(")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.core.parsers import DeltaMessage
-from pagedllm.plugins.parsers.tool_parser import held_back, skip_whitespace
+from pagedllm.core.tool_parser import held_back, skip_whitespace
 
 START, END = "<think>", "</think>"
 

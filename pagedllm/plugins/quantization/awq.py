@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.core.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
-from pagedllm.plugins.quantization.int_weights import IntLinearMethod, IntWeight, plain_g_idx, unpack
+from pagedllm.plugins.quantization.int_weights import IntLinearMethod, IntWeight, check_kernel_device, plain_g_idx, unpack
 
 # Natural column 8c + k is nibble AWQ_UNDO_ORDER[k] of word c (the inverse of [0, 2, 4, 6, 1, 3, 5, 7]).
 AWQ_UNDO_ORDER = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
@@ -58,7 +58,7 @@ class AWQMethod(QuantizationMethod):
     """AWQ GEMM checkpoints: 4-bit with zero points."""
 
     name = "awq"
-    kernels = ("int4pack", "dequant")
+    kernels = ("int4pack", "triton", "dequant")
 
     def __init__(self, group_size: int = 128, skip: tuple[str, ...] = ()) -> None:
         self.group_size, self.skip = group_size, skip
@@ -80,9 +80,7 @@ class AWQMethod(QuantizationMethod):
         return cls(group_size, tuple(quant_config.get("modules_to_not_convert") or ()))
 
     def check_device(self, device):
-        if self.kernel == "int4pack" and device.type != "cpu":
-            raise ValueError(f"quantization method 'awq': kernel 'int4pack' is a CPU kernel of torch and cannot run "
-                             f"on {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+        check_kernel_device(self.name, self.kernel, device)
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if prefix == "lm_head" or any(name in prefix for name in self.skip):

@@ -81,7 +81,7 @@ class _Bnb4bit:
 
 
 class _Parts:
-    """Several per-shard kernels whose outputs are concatenated (merged layers)."""
+    """bitsandbytes' 4-bit matmul per shard (each has its own quant state), outputs concatenated."""
 
     name = "bnb"
 
@@ -118,71 +118,64 @@ class BitsAndBytesLinearMethod(LinearMethod):
         rows = layer.out_features if shard is None else layer.output_sizes[shard]
         where = f"{layer.prefix}.{param_name}" + ("" if shard is None else f" (shard {shard})")
         m = self.method
-        expected = None
-        if param_name == "weight":
-            if not m.prequantized:
-                expected = ((rows, layer.in_features), tensor.dtype if tensor.is_floating_point() else None)
-            elif m.quant_type == "int8":
-                expected = ((rows, layer.in_features), torch.int8)
-            else:
-                expected = ((rows * layer.in_features // 2, 1), torch.uint8)
-        elif param_name == "SCB":
-            expected = ((rows,), tensor.dtype if tensor.is_floating_point() else None)
-        if expected is not None and (tuple(tensor.shape) != expected[0] or tensor.dtype != expected[1]):
-            raise ValueError(f"{where}: quantization method 'bitsandbytes' expects shape {expected[0]} "
-                             f"({str(expected[1]).removeprefix('torch.')}), got {tuple(tensor.shape)} ({tensor.dtype})")  # fmt: skip
+        expected = {  # what the tensors must look like: (shape, dtypes)
+            "weight": ((rows, layer.in_features), (torch.float32, torch.bfloat16, torch.float16)) if not m.prequantized
+            else ((rows, layer.in_features), (torch.int8,)) if m.quant_type == "int8"
+            else ((rows * layer.in_features // 2, 1), (torch.uint8,)),
+            "SCB": ((rows,), (torch.float32, torch.bfloat16, torch.float16)),
+        }.get(param_name)  # fmt: skip
+        if expected is not None and (tuple(tensor.shape) != expected[0] or tensor.dtype not in expected[1]):
+            raise ValueError(f"{where}: quantization method {m.name!r} expects shape {expected[0]} "
+                             f"({'/'.join(str(d).removeprefix('torch.') for d in expected[1])}), "
+                             f"got {tuple(tensor.shape)} ({str(tensor.dtype).removeprefix('torch.')})")  # fmt: skip
         layer.quant_tensors.setdefault(shard, {})[param_name] = tensor
 
     def process_weights_after_loading(self, layer):
-        kernels = []
+        parts = []
         for shard in layer.shards:
             rows = layer.out_features if shard is None else layer.output_sizes[shard]
-            kernels.append(self._shard_kernel(layer, layer.quant_tensors[shard], rows))
-        if all(isinstance(k, Dense) for k in kernels):
-            layer.kernel = Dense(torch.cat([k.weight for k in kernels]), layer.compute_dtype)
-        elif all(isinstance(k, Int8Pack) for k in kernels):
-            layer.kernel = Int8Pack(IntWeight.cat([k.int_weight for k in kernels]))
+            parts.append(self._decode(layer, layer.quant_tensors[shard], (rows, layer.in_features)))
+        if all(isinstance(p, torch.Tensor) for p in parts):
+            layer.kernel = Dense(torch.cat(parts), layer.compute_dtype)
+        elif all(isinstance(p, IntWeight) for p in parts):
+            layer.kernel = Int8Pack(IntWeight.cat(parts))
         else:
-            layer.kernel = _Parts(kernels)
+            layer.kernel = _Parts(parts)
         layer.quant_tensors = {}
 
-    def _shard_kernel(self, layer, t: dict, rows: int):
-        m, kernel, shape = self.method, self.method.kernel, (rows, layer.in_features)
+    def _decode(self, layer, t: dict, shape: tuple[int, int]):
+        """One shard -> a float32 weight (dequant), an IntWeight (int8pack) or a _Bnb4bit (bnb)."""
+        m, kernel = self.method, self.method.kernel
         if not m.prequantized:  # quantize the float weight now, with bitsandbytes itself
             import bitsandbytes.functional as bnbF
 
-            w = t["weight"]
             if m.quant_type == "int8":
-                cb, scb, _ = bnbF.int8_vectorwise_quant(w.to(torch.float16))
+                cb, scb, _ = bnbF.int8_vectorwise_quant(t["weight"].to(torch.float16))  # as bnb's Linear8bitLt does
                 t = {"weight": cb, "SCB": scb}
             else:
-                packed, state = bnbF.quantize_4bit(w.to(layer.compute_dtype), blocksize=64, quant_type=m.quant_type)
-                if kernel != "dequant":
-                    return _Bnb4bit(packed, state)
-                return Dense(bnbF.dequantize_4bit(packed, state).float(), layer.compute_dtype)
+                packed, state = bnbF.quantize_4bit(t["weight"].to(layer.compute_dtype), blocksize=64, quant_type=m.quant_type)
+                return _Bnb4bit(packed, state) if kernel == "bnb" else bnbF.dequantize_4bit(packed, state).float()
         if m.quant_type == "int8":
             if kernel == "dequant":
-                return Dense(dequantize_int8(t["weight"], t["SCB"]), layer.compute_dtype)
+                return dequantize_int8(t["weight"], t["SCB"])
             scale = t["SCB"].float().reshape(-1, 1) * torch.tensor(1 / 127, dtype=torch.float32)
-            weight = IntWeight(t["weight"].to(torch.int32) + 128, scale, torch.full_like(scale, 128.0),
-                               torch.zeros(layer.in_features, dtype=torch.int64), 8)  # fmt: skip
-            kern = Int8Pack(weight)
-            kern.int_weight = weight
-            return kern
-        state = parse_quant_state(t[f"weight.quant_state.bitsandbytes__{m.quant_type}"])
+            return IntWeight(t["weight"].to(torch.int32) + 128, scale, torch.full_like(scale, 128.0),
+                             torch.zeros(shape[1], dtype=torch.int64), 8)  # fmt: skip
+        state_key = f"weight.quant_state.bitsandbytes__{m.quant_type}"
+        state = parse_quant_state(t[state_key])
         if tuple(state["shape"]) != shape:
             raise ValueError(f"{layer.prefix}: bitsandbytes quant_state shape {state['shape']} is not {list(shape)}")
-        nested = {}
-        if "nested_absmax" in t or "weight.nested_absmax" in t:
-            nested = dict(nested_absmax=t["weight.nested_absmax"], nested_quant_map=t["weight.nested_quant_map"],
-                          nested_offset=float(state["nested_offset"]), nested_blocksize=int(state["nested_blocksize"]))  # fmt: skip
         if kernel == "dequant":
-            w = dequantize_4bit(t["weight"], t["weight.absmax"], t["weight.quant_map"], int(state["blocksize"]), shape, **nested)
-            return Dense(w, layer.compute_dtype)
+            nested = {}
+            if "weight.nested_absmax" in t:
+                nested = dict(nested_absmax=t["weight.nested_absmax"], nested_quant_map=t["weight.nested_quant_map"],
+                              nested_offset=float(state["nested_offset"]),
+                              nested_blocksize=int(state["nested_blocksize"]))  # fmt: skip
+            blocksize = int(state["blocksize"])
+            return dequantize_4bit(t["weight"], t["weight.absmax"], t["weight.quant_map"], blocksize, shape, **nested)
         from bitsandbytes.functional import QuantState
 
-        qs = {k.removeprefix("weight."): v for k, v in t.items() if k.startswith("weight.") and "quant_state" not in k}
-        qs[f"quant_state.bitsandbytes__{m.quant_type}"] = t[f"weight.quant_state.bitsandbytes__{m.quant_type}"]
+        qs = {k.removeprefix("weight."): v for k, v in t.items() if k != "weight"}
         return _Bnb4bit(t["weight"], QuantState.from_dict(qs, device=t["weight"].device))
 
     def apply(self, layer, x, bias):

@@ -37,7 +37,7 @@ from pagedllm.plugins.quantization.int_weights import (
     Dense,
     IntLinearMethod,
     IntWeight,
-    choose_kernel,
+    check_kernel_device,
     plain_g_idx,
     unpack,
 )
@@ -114,7 +114,10 @@ def decode_pack_quantized(weight_packed: torch.Tensor, weight_scale: torch.Tenso
     else:
         zero = unpack(weight_zero_point, bits, dim=0)[:rows].float()
     groups = scale.shape[1]
-    g_idx = weight_g_idx.long() if weight_g_idx is not None else plain_g_idx(in_features, in_features // groups if groups > 1 else -1)
+    if weight_g_idx is not None:
+        g_idx = weight_g_idx.long()
+    else:
+        g_idx = plain_g_idx(in_features, in_features // groups if groups > 1 else -1)
     return IntWeight(q.contiguous(), scale.contiguous(), zero.contiguous(), g_idx, bits)
 
 
@@ -233,7 +236,8 @@ class CompressedTensorsLinearMethod(IntLinearMethod):
             if shape != (rows, in_features):
                 raise ValueError(f"weight_shape {list(shape)} does not match the layer's [{rows}, {in_features}]")
             weight = decode_pack_quantized(tensors["weight_packed"], tensors["weight_scale"], s.bits,
-                                           tensors.get("weight_zero_point"), tensors.get("weight_g_idx"), in_features)  # fmt: skip
+                                           tensors.get("weight_zero_point"), tensors.get("weight_g_idx"),
+                                           in_features)  # fmt: skip
         elif s.weight_type == "int":
             weight = decode_int8(tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point"))
         else:
@@ -284,7 +288,7 @@ class CompressedTensorsMethod(QuantizationMethod):
     """llm-compressor checkpoints: FP8 / INT8 W8A8 with dynamic per-token activations, W4A16 / W8A16."""
 
     name = "compressed-tensors"
-    kernels = ("int4pack", "int8pack", "int_mm", "scaled_mm", "dequant")
+    kernels = ("int4pack", "int8pack", "int_mm", "scaled_mm", "triton", "dequant")
 
     def __init__(self, groups: list[tuple[list[str], Scheme]], ignore: list[str]) -> None:
         self.groups, self.ignore = groups, ignore
@@ -307,9 +311,7 @@ class CompressedTensorsMethod(QuantizationMethod):
         return cls(groups, list(quant_config.get("ignore") or []))
 
     def check_device(self, device):
-        if self.kernel in ("int4pack", "int8pack", "int_mm") and device.type != "cpu":
-            raise ValueError(f"quantization method 'compressed-tensors': kernel {self.kernel!r} is a CPU kernel here "
-                             f"and cannot run on {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+        check_kernel_device(self.name, self.kernel, device)
 
     def scheme_of(self, prefix: str) -> Scheme | None:
         """The scheme of our layer at ``prefix`` (None: left in float); merged parts must agree."""

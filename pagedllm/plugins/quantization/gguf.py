@@ -3,18 +3,28 @@
 The loader yields each 2-D tensor as ``<name>.qweight_type`` (the ggml type) followed by
 ``<name>.qweight`` (the raw blocks, ``[rows, bytes_per_row]`` uint8). Types may differ
 between tensors and even between the parts of a merged layer (llama.cpp's Q4_K_M puts
-some v projections in Q6_K), so a layer is a list of row ranges, each with its kernel:
+some v projections in Q6_K), so a layer is a list of row ranges, each with its kernel.
+Kernels (``quantization_kernel``; ``auto`` is ``blocks`` on CPU, ``dequant`` elsewhere):
 
+- ``blocks``: a C++ kernel reads the raw blocks and multiplies with float32 activations
+  (decode-sized batches; larger ones dequantize a tile of rows and use the float GEMM).
+  Same numbers as the dequantized float path up to summation order, so greedy tokens match;
 - ``int4pack``: Q4_0, Q4_1 and Q4_K (32-value sub-blocks with a scale and a min) repacked
-  at load for torch's ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, group 32);
-- ``dequant``: every type; a tile of rows is dequantized to float32 and multiplied, so no
-  float copy of the whole weight exists (exact: the float path's numbers);
-- float types (F32, F16, BF16) become an ordinary float weight.
+  at load for torch's ``_weight_int4pack_mm_for_cpu``: fastest, but its activations, scales
+  and outputs are bfloat16, so logits move by ~1e-2 and greedy text can differ; other types
+  use ``blocks``;
+- ``dequant``: any device; a tile of rows is dequantized in torch and multiplied, so no float
+  copy of the whole weight ever exists.
 
-Token embeddings keep their raw blocks and dequantize only the looked-up rows.
+Float types (F32, F16, BF16) become an ordinary float weight. Token embeddings keep their
+raw blocks and dequantize only the looked-up rows.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +38,31 @@ FLOAT_TYPES = {GGML.F32: torch.float32, GGML.F16: torch.float16, GGML.BF16: torc
 INT4PACK_TYPES = {GGML.Q4_0, GGML.Q4_1, GGML.Q4_K}
 SUPPORTED_TYPES = set(DEQUANTIZERS) | set(FLOAT_TYPES)
 _TILE_ELEMENTS = 1 << 20  # float32 values dequantized at a time (4 MiB): stays in cache, bounds memory
+_MAX_BLOCK_ROWS = 8  # activation rows the C++ kernel takes; larger batches dequantize tiles for the GEMM
+_SOURCE = Path(__file__).parent / "csrc" / "gguf_kernels.cpp"
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def load_kernels():
+    """Compile (once per machine; cached under ~/.cache/torch_extensions) and load the C++ kernels.
+
+    None, with a warning, where no C++ tool chain is available: ``dequant`` then runs instead.
+    """
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="pagedllm_gguf_kernels", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
+    except Exception as exc:  # no compiler, no ninja, ...
+        logger.warning("pagedllm: GGUF C++ kernels unavailable (%s); dequantizing tiles in torch instead", exc)
+        return None
+
+
+@functools.cache
+def _scratch(num_elements: int) -> torch.Tensor:
+    """One reused float32 buffer for dequantized tiles (fresh 4 MiB allocations page-fault on every call)."""
+    return torch.empty(num_elements)
 
 
 class _Dense:
@@ -56,6 +91,28 @@ class _Dequant:
             tile = dequantize(self.raw[start : start + self.tile_rows], self.qtype).to(x.dtype)
             out[..., start : start + tile.shape[0]] = F.linear(x, tile)
         return out
+
+
+class _Blocks:
+    """Raw blocks multiplied by the C++ kernel (float32); big batches dequantize tiles for the float GEMM."""
+
+    def __init__(self, raw: torch.Tensor, qtype: GGML, in_features: int, kernels) -> None:
+        self.raw, self.qtype, self.kernels = raw, int(qtype), kernels
+        self.tile_rows = max(1, _TILE_ELEMENTS // in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if flat.shape[0] <= _MAX_BLOCK_ROWS:
+            y = self.kernels.gguf_mul_mat(flat, self.raw, self.qtype)
+        else:
+            rows = self.raw.shape[0]
+            y = flat.new_empty(flat.shape[0], rows)
+            for start in range(0, rows, self.tile_rows):
+                raw = self.raw[start : start + self.tile_rows]
+                tile = _scratch(_TILE_ELEMENTS)[: raw.shape[0] * flat.shape[1]].view(raw.shape[0], -1)
+                self.kernels.gguf_dequantize(raw, self.qtype, tile)
+                y[:, start : start + raw.shape[0]] = flat @ tile.t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 class _Int4Pack:
@@ -135,9 +192,11 @@ class GGUFLinearMethod(LinearMethod):
     def _kernel(self, layer, qtype: GGML, raw: torch.Tensor):
         if qtype in FLOAT_TYPES:
             return _Dense(raw.view(FLOAT_TYPES[qtype]), layer.compute_dtype)
-        kernel = self.method.kernel
-        if kernel in ("auto", "int4pack") and qtype in INT4PACK_TYPES and raw.device.type == "cpu":
+        kernel, on_cpu = self.method.kernel, raw.device.type == "cpu"
+        if kernel == "int4pack" and qtype in INT4PACK_TYPES:
             return _Int4Pack(raw, qtype)
+        if kernel != "dequant" and on_cpu and (kernels := load_kernels()) is not None:
+            return _Blocks(raw, qtype, layer.in_features, kernels)
         return _Dequant(raw, qtype, layer.in_features)
 
     def apply(self, layer, x, bias):
@@ -162,12 +221,12 @@ class GGUFMethod(QuantizationMethod):
     """GGUF files (detected from the tensor types); every linear layer and the embedding stay quantized."""
 
     name = "gguf"
-    kernels = ("int4pack", "dequant")
+    kernels = ("blocks", "int4pack", "dequant")
 
     def check_device(self, device: torch.device) -> None:
-        if self.kernel == "int4pack" and device.type != "cpu":
-            raise ValueError(f"quantization method 'gguf': kernel 'int4pack' (torch's _weight_int4pack_mm_for_cpu) "
-                             f"runs on CPU only, not {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+        if self.kernel in ("blocks", "int4pack") and device.type != "cpu":
+            raise ValueError(f"quantization method 'gguf': kernel {self.kernel!r} runs on CPU only, not {device}; "
+                             "use quantization_kernel='dequant' or 'auto'")  # fmt: skip
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
         return GGUFLinearMethod(self)

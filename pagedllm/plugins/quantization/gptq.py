@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.core.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
-from pagedllm.plugins.quantization.int_weights import IntLinearMethod, IntWeight, unpack
+from pagedllm.plugins.quantization.int_weights import IntLinearMethod, IntWeight, check_kernel_device, unpack
 
 _INT = (torch.int32,)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,7 +64,7 @@ class GPTQMethod(QuantizationMethod):
     """GPTQ v1/v2 checkpoints, 2/4/8-bit, any group size, act-order, symmetric or not."""
 
     name = "gptq"
-    kernels = ("int4pack", "int8pack", "dequant")
+    kernels = ("int4pack", "int8pack", "triton", "dequant")
 
     def __init__(self, bits: int = 4, group_size: int = 128, lm_head: bool = False, v1: bool = True) -> None:
         self.bits, self.group_size, self.lm_head, self.v1 = bits, group_size, lm_head, v1
@@ -89,9 +89,7 @@ class GPTQMethod(QuantizationMethod):
         return cls(bits, group_size, bool(quant_config.get("lm_head", False)), fmt == "gptq")
 
     def check_device(self, device):
-        if self.kernel in ("int4pack", "int8pack") and device.type != "cpu":
-            raise ValueError(f"quantization method 'gptq': kernel {self.kernel!r} is a CPU kernel of torch and "
-                             f"cannot run on {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+        check_kernel_device(self.name, self.kernel, device)
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if prefix == "lm_head" and not self.lm_head:

@@ -10,11 +10,13 @@ only need that form:
   input columns; ``w = (q - 8) * s + z``). Act-order weights whose groups are a permutation of
   contiguous ones run with the input columns permuted the same way;
 - :class:`Int8Pack`: torch's ``_weight_int8pack_mm`` (one scale per output row) for 8-bit;
-- :class:`Dense`: the weight dequantized once to the compute dtype (any bits, any grouping).
+- :class:`Dense`: the weight dequantized once to the compute dtype (any bits, any grouping);
+- ``TritonInt4`` (``triton_int4``): 4-bit on GPUs, the default there.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +73,7 @@ class IntWeight:
         size = self.q.shape[1] // num_groups
         if num_groups * size != self.q.shape[1] or bool((counts != size).any()):
             return None
-        plain = torch.arange(self.q.shape[1]) // size
+        plain = torch.arange(self.q.shape[1], device=self.g_idx.device) // size
         if torch.equal(self.g_idx, plain):
             return size, None
         return size, torch.argsort(self.g_idx, stable=True)
@@ -170,8 +172,30 @@ class Int8Pack:
         return y.reshape(*x.shape[:-1], -1)
 
 
+def _triton_layout(weight: IntWeight, device: torch.device):
+    """(group size, permutation) when the Triton 4-bit kernel can run ``weight`` on ``device``, else None."""
+    if weight.bits != 4 or weight.q.shape[1] % 8:
+        return None
+    try:
+        from pagedllm.plugins.quantization import triton_int4
+    except ImportError:  # no triton installed
+        return None
+    return weight.contiguous_groups() if triton_int4.available(device) else None
+
+
+def check_kernel_device(method_name: str, kernel: str, device: torch.device) -> None:
+    """ValueError at load when the forced ``kernel`` cannot run on ``device`` at all."""
+    if kernel in ("int4pack", "int8pack", "int_mm") and device.type != "cpu":
+        raise ValueError(f"quantization method {method_name!r}: kernel {kernel!r} is one of torch's CPU kernels and "
+                         f"cannot run on {device}; use quantization_kernel='dequant' or 'auto'")  # fmt: skip
+    if kernel == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"quantization method {method_name!r}: kernel 'triton' needs a CUDA device (on CPU only "
+                         "under TRITON_INTERPRET=1, for testing); use quantization_kernel='auto' or 'dequant'")  # fmt: skip
+
+
 def choose_kernel(method_name: str, kernel: str, weight: IntWeight, dtype: torch.dtype, device: torch.device):
-    """The kernel for ``weight``: forced by ``kernel`` or, for "auto", the fastest that fits.
+    """The kernel for ``weight``: forced by ``kernel`` or, for "auto", the fastest that fits
+    (CPU: int4pack, int8pack; CUDA: triton for 4-bit; else the dequantized weight).
 
     A forced kernel that cannot run this weight is a ValueError naming the method, why, and
     what works instead.
@@ -180,7 +204,21 @@ def choose_kernel(method_name: str, kernel: str, weight: IntWeight, dtype: torch
     int4 = Int4Pack.supports(weight) if on_cpu else None
     int8 = on_cpu and Int8Pack.supports(weight)
     if kernel == "auto":
-        kernel = "int4pack" if int4 else "int8pack" if int8 else "dequant"
+        if device.type == "cuda" and _triton_layout(weight, device):
+            kernel = "triton"
+        else:
+            kernel = "int4pack" if int4 else "int8pack" if int8 else "dequant"
+    if kernel == "triton":
+        layout = _triton_layout(weight, device)
+        if not layout:
+            raise ValueError(
+                f"quantization method {method_name!r}: kernel 'triton' needs the triton package, a CUDA device (or "
+                f"TRITON_INTERPRET=1 on CPU) and 4-bit weights whose groups are contiguous blocks of input columns; this "
+                f"layer has {weight.bits}-bit weights on {device}; use quantization_kernel='dequant' or 'auto'"
+            )
+        from pagedllm.plugins.quantization.triton_int4 import TritonInt4
+
+        return TritonInt4(weight, *layout).to(device)
     if kernel == "int4pack":
         if not int4:
             raise ValueError(

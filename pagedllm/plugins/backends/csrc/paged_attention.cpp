@@ -1,19 +1,29 @@
-// Decode attention over the paged KV cache, read in place: no gather, no padding.
+// Attention over the paged KV cache, read in place: cache writes, decodes and prefill
+// chunks of one step in one call, without gathers or padding.
 //
-// One work item is (request, kv head): it scores the request's queries of that head's
-// group against every cached key (walking the block table), soft-maxes, and sums the
-// values. Keys and values of one position and head are head_dim contiguous floats,
-// so the inner loops vectorise.
+// Cache layout, per layer: [2, num_blocks, num_kv_heads, block_size * head_dim]. One
+// (block, kv head) tile is contiguous; a key tile is stored transposed, [head_dim][block_size],
+// a value tile as is, [block_size][head_dim]. So both products are AXPYs over contiguous
+// rows: scores[pos] += q[d] * key_tile[d][pos] (vectorised over positions) and
+// out[d] += p[pos] * value_tile[pos][d] (vectorised over head_dim), with no horizontal sums.
+//
+// A work item is (request, kv head[, part of the sequence]): all query heads of a GQA group
+// are scored against one read of the kv head's tiles. Softmax is online (running max and
+// sum, one pass over the keys). Compute is float32 whatever the cache dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0, vectorisable (std::exp is a scalar call here): 2^(x log2 e) as
 // 2^integer (exponent bits) times a degree-6 polynomial of 2^fraction; relative error
@@ -36,137 +46,436 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// One work item: one request, kv heads [0, num_heads_here) of the pointers given (the
-// caller offsets k, v, queries and out to the first head). Walking all of a request's kv
-// heads in one item reads each cached position's row contiguously.
-template <int HEAD_DIM>
-void attend(const float* __restrict__ queries, const float* __restrict__ k, const float* __restrict__ v,
-            const int64_t* __restrict__ table, int64_t len, int64_t num_heads_here, int64_t group,
-            int64_t head_dim_rt, int64_t block_size, int64_t pos_stride, int64_t block_stride, float scale,
-            float* __restrict__ scores, float* __restrict__ acc, float* __restrict__ out) {
-  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
-  const int64_t num_queries = num_heads_here * group;  // query heads, in order; kv head kv serves [kv * group, (kv + 1) * group)
-  // Walk the block table block by block (no division per position).
-  for (int64_t start = 0; start < len; start += block_size) {
-    const float* __restrict__ block = k + table[start / block_size] * block_stride;
-    const int64_t count = std::min(block_size, len - start);
-    for (int64_t i = 0; i < count; ++i) {
-      const float* __restrict__ row = block + i * pos_stride;
-      for (int64_t kv = 0; kv < num_heads_here; ++kv) {
-        const float* __restrict__ key = row + kv * head_dim;
-        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-          const float* __restrict__ qh = queries + h * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
-          scores[h * len + start + i] = dot * scale;
+template <typename T>
+inline void prefetch_tile(const T* tile, int64_t num_elems) {
+  const char* p = reinterpret_cast<const char*>(tile);
+  for (int64_t off = 0; off < num_elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+// Strided [tokens, heads, head_dim] view of q, k or v (rows of a fused qkv tensor).
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t token_stride, head_stride;
+  const T* at(int64_t token, int64_t head) const { return data + token * token_stride + head * head_stride; }
+};
+
+template <typename T>
+Rows<T> rows_of(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "expected [tokens, heads, head_dim] with contiguous head_dim");
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
+}
+
+struct Geometry {
+  int64_t num_kv_heads, group, head_dim, block_size;
+  int64_t tile() const { return head_dim * block_size; }
+};
+
+// One SIMD register of floats: 16 lanes with AVX-512, else 8. A 16-position block row is
+// kLanesPerBlock of them.
+#ifdef __AVX512F__
+constexpr int kVL = 16;
+#else
+constexpr int kVL = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kVL)));
+typedef float vf_unaligned __attribute__((vector_size(4 * kVL), aligned(4)));
+constexpr int kBlock = 16;  // the fast path's block size
+constexpr int kLanesPerBlock = kBlock / kVL;
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+
+// Loads kVL consecutive cache elements as float32; specialised for bfloat16 further down.
+template <typename T>
+struct LoadVec {
+  static vf apply(const T* p) {
+    vf v;
+    for (int i = 0; i < kVL; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+};
+template <>
+struct LoadVec<float> {
+  static vf apply(const float* p) { return load(p); }
+};
+
+// Scores of NR query rows (q [NR][D]) against one key tile [D][16] into s (row stride
+// ldq). The accumulators stay in registers; S interleaved partial sums over d give the
+// FMA pipes enough independent chains when NR is small.
+template <typename T, int D, int NR>
+inline void score_rows(const float* __restrict__ q, const T* __restrict__ kt, float* __restrict__ s, int64_t lds) {
+  constexpr int S = NR * kLanesPerBlock >= 8 ? 1 : (NR * kLanesPerBlock >= 4 ? 2 : 4);
+  vf a[S][NR][kLanesPerBlock] = {};
+  for (int d = 0; d < D; d += S) {
+    for (int i = 0; i < S; ++i) {
+      vf k[kLanesPerBlock];
+      for (int c = 0; c < kLanesPerBlock; ++c) k[c] = LoadVec<T>::apply(kt + (d + i) * kBlock + c * kVL);
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < kLanesPerBlock; ++c) a[i][r][c] += q[r * D + d + i] * k[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < kLanesPerBlock; ++c) {
+      vf sum = a[0][r][c];
+      for (int i = 1; i < S; ++i) sum += a[i][r][c];
+      store(s + r * lds + c * kVL, sum);
+    }
+}
+
+// acc [NR][D] += sum over positions [p0, p1) of probs[r][p] * value[p] (probs row stride
+// ldp), value tile [16][D].
+template <typename T, int D, int NR>
+inline void accumulate_rows(const float* __restrict__ probs, int64_t ldp, const T* __restrict__ vt, int64_t p0,
+                            int64_t p1, float* __restrict__ acc) {
+  constexpr int C = D / kVL;
+  vf a[NR][C];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kVL);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int c = 0; c < C; ++c) {
+      const vf v = LoadVec<T>::apply(vt + p * D + c * kVL);
+      for (int r = 0; r < NR; ++r) a[r][c] += probs[r * ldp + p] * v;
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < C; ++c) store(acc + r * D + c * kVL, a[r][c]);
+}
+
+// Row blocking: at most ~12 accumulator registers per micro-kernel call.
+template <int D>
+constexpr int value_rows() {
+  return std::max(1, std::min(4, 12 / (D / kVL)));
+}
+constexpr int kScoreRows = 8 / kLanesPerBlock;
+
+template <typename T, int D, int NR>
+inline void score_all(const float* q, int64_t rows, const T* kt, float* s, int64_t lds) {
+  int64_t r = 0;
+  for (; r + NR <= rows; r += NR) score_rows<T, D, NR>(q + r * D, kt, s + r * lds, lds);
+  if constexpr (NR > 1) {
+    if (r < rows) score_all<T, D, NR - 1>(q + r * D, rows - r, kt, s + r * lds, lds);
+  }
+}
+
+template <typename T, int D, int NR>
+inline void accumulate_all(const float* s, int64_t lds, int64_t rows, const T* vt, int64_t p0, int64_t p1,
+                           float* acc) {
+  int64_t r = 0;
+  for (; r + NR <= rows; r += NR) accumulate_rows<T, D, NR>(s + r * lds, lds, vt, p0, p1, acc + r * D);
+  if constexpr (NR > 1) {
+    if (r < rows) accumulate_all<T, D, NR - 1>(s + r * lds, lds, rows - r, vt, p0, p1, acc + r * D);
+  }
+}
+
+// Generic sizes: the same products with runtime head_dim and block_size.
+template <typename T>
+void score_generic(const float* q, int64_t rows, const T* kt, float* s, int64_t lds, int64_t D, int64_t BS) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(s + r * lds, s + r * lds + BS, 0.f);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float qd = q[r * D + d];
+      float* __restrict__ sr = s + r * lds;
+      for (int64_t p = 0; p < BS; ++p) sr[p] += qd * static_cast<float>(kt[d * BS + p]);
+    }
+}
+
+template <typename T>
+void accumulate_generic(const float* s, int64_t lds, int64_t rows, const T* vt, int64_t p0, int64_t p1, float* acc,
+                        int64_t D) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = s[r * lds + p];
+      float* __restrict__ ar = acc + r * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] += w * static_cast<float>(vt[p * D + d]);
+    }
+}
+
+// Scores are soft-maxed a chunk of this many blocks at a time: long enough for the
+// vector loops, short enough to stay in L1.
+constexpr int64_t kChunkBlocks = 8;
+
+// Attends `rows` query rows (q [rows][D], pre-scaled) to keys [key_begin, key_end) of one kv
+// head, continuing the online-softmax state: running max m, running sum l, unnormalised
+// output acc [rows][D]. Row r (query token r / group) sees keys up to limit[r / group]
+// inclusive. Scratch s: [rows][kChunkBlocks * block_size].
+// D_ > 0: the fast path (block_size 16, D_ a multiple of the vector width); 0: any sizes.
+template <typename T, int D_>
+void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value_base, const int64_t* table,
+                 int64_t key_begin, int64_t key_end, const int64_t* limit, const Geometry& g, int64_t kv_head,
+                 float* m, float* l, float* acc, float* s) {
+  const int64_t D = D_ > 0 ? D_ : g.head_dim;
+  const int64_t BS = D_ > 0 ? kBlock : g.block_size;
+  const int64_t tile = D * BS, group = g.group, lds = kChunkBlocks * BS;
+  const int64_t end_block = (key_end + BS - 1) / BS;
+  for (int64_t b0 = key_begin / BS; b0 < end_block; b0 += kChunkBlocks) {
+    const int64_t num_blocks = std::min(kChunkBlocks, end_block - b0);
+    const int64_t base = b0 * BS;  // position of the chunk's first key
+    const T* key_tiles[kChunkBlocks];
+    const T* value_tiles[kChunkBlocks];
+    for (int64_t i = 0; i < num_blocks; ++i) {
+      const int64_t tile_index = table[b0 + i] * g.num_kv_heads + kv_head;
+      key_tiles[i] = key_base + tile_index * tile;      // [D][BS]
+      value_tiles[i] = value_base + tile_index * tile;  // [BS][D]
+    }
+    for (int64_t i = 0; i < num_blocks; ++i) {
+      // The tiles are scattered 4 KiB pieces: fetch the next one while this one is used.
+      prefetch_tile(i + 1 < num_blocks ? key_tiles[i + 1] : value_tiles[0], tile);
+      if constexpr (D_ > 0)
+        score_all<T, D_, kScoreRows>(q, rows, key_tiles[i], s + i * BS, lds);
+      else
+        score_generic<T>(q, rows, key_tiles[i], s + i * BS, lds, D, BS);
+    }
+    // Online softmax over the chunk: row r sees chunk positions [lo, hi_r).
+    const int64_t lo = std::max(key_begin - base, int64_t(0));
+    const int64_t chunk_end = std::min(key_end - base, num_blocks * BS);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* __restrict__ sr = s + r * lds;
+      const int64_t hi = std::min(chunk_end, limit[r / group] - base + 1);
+      if (hi <= lo) {
+        std::fill(sr, sr + lds, 0.f);
+        continue;
+      }
+      float chunk_max = kNegInf;
+#pragma omp simd reduction(max : chunk_max)
+      for (int64_t p = lo; p < hi; ++p) chunk_max = std::max(chunk_max, sr[p]);
+      if (chunk_max > m[r]) {
+        const float correction = l[r] == 0.f ? 0.f : fast_exp(m[r] - chunk_max);
+        l[r] *= correction;
+        float* __restrict__ ar = acc + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
+        m[r] = chunk_max;
+      }
+      const float mr = m[r];
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = lo; p < hi; ++p) {
+        const float e = fast_exp(sr[p] - mr);
+        sr[p] = e;
+        sum += e;
+      }
+      l[r] += sum;
+      std::fill(sr, sr + lo, 0.f);
+      std::fill(sr + hi, sr + lds, 0.f);
+    }
+    for (int64_t i = 0; i < num_blocks; ++i) {
+      const int64_t p0 = std::max(lo - i * BS, int64_t(0)), p1 = std::min(chunk_end - i * BS, BS);
+      if (i + 1 < num_blocks)
+        prefetch_tile(value_tiles[i + 1], tile);
+      else if (b0 + num_blocks < end_block)
+        prefetch_tile(key_base + (table[b0 + num_blocks] * g.num_kv_heads + kv_head) * tile, tile);
+      if constexpr (D_ > 0)
+        accumulate_all<T, D_, value_rows<D_>()>(s + i * BS, lds, rows, value_tiles[i], p0, p1, acc);
+      else
+        accumulate_generic<T>(s + i * BS, lds, rows, value_tiles[i], p0, p1, acc, D);
+    }
+  }
+}
+
+// bfloat16 is the top half of a float32: widen and shift, vectorised.
+template <>
+struct LoadVec<c10::BFloat16> {
+  static vf apply(const c10::BFloat16* p) {
+    typedef uint16_t vu16 __attribute__((vector_size(2 * kVL), aligned(2)));
+    typedef uint32_t vu32 __attribute__((vector_size(4 * kVL)));
+    const vu32 wide = __builtin_convertvector(*reinterpret_cast<const vu16*>(p), vu32) << 16;
+    return reinterpret_cast<const vf&>(wide);
+  }
+};
+
+template <typename T>
+void write_kv(const Rows<T>& k, const Rows<T>& v, int64_t num_tokens, const int64_t* slots, T* key_base,
+              T* value_base, const Geometry& g) {
+  const int64_t D = g.head_dim, BS = g.block_size, tile = g.tile();
+  at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t] / BS, offset = slots[t] % BS;
+      for (int64_t h = 0; h < g.num_kv_heads; ++h) {
+        const int64_t tile_index = block * g.num_kv_heads + h;
+        T* kt = key_base + tile_index * tile + offset;
+        T* vt = value_base + tile_index * tile + offset * D;
+        const T* kr = k.at(t, h);
+        const T* vr = v.at(t, h);
+        for (int64_t d = 0; d < D; ++d) kt[d * BS] = kr[d];
+        std::copy(vr, vr + D, vt);
+      }
+    }
+  });
+}
+
+// One step's attention. Requests [0, num_decodes) have one query token each; the others
+// are prefill chunks whose queries are the last tokens of their sequence.
+template <typename T, int D_>
+void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base, const int64_t* tables,
+               int64_t max_blocks, const int64_t* seq_lens, const int64_t* query_start, int64_t num_reqs,
+               int64_t num_decodes, const Geometry& g, float scale) {
+  const int64_t D = g.head_dim, BS = g.block_size, group = g.group, num_heads = g.num_kv_heads * group;
+  const int64_t num_threads = at::get_num_threads();
+  // Query tile of a prefill item: this many tokens of one request share each key tile read.
+  constexpr int64_t kQueryTile = 8;
+  // Decodes get their sequence split into parts when there are too few requests to keep
+  // every thread busy (single-stream decode); parts are merged after.
+  int64_t parts = 1;
+  if (num_decodes > 0 && num_decodes * g.num_kv_heads < 4 * num_threads) {
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < num_decodes; ++r) max_len = std::max(max_len, seq_lens[r]);
+    const int64_t want = (4 * num_threads + num_decodes * g.num_kv_heads - 1) / (num_decodes * g.num_kv_heads);
+    parts = std::max<int64_t>(1, std::min(want, max_len / (8 * BS)));  // at least 8 blocks a part
+  }
+  struct Item {
+    int64_t req, kv_head, begin, end;  // decode: part [begin, end) of keys; prefill: query tokens [begin, end)
+  };
+  std::vector<Item> items;
+  for (int64_t r = 0; r < num_decodes; ++r) {
+    const int64_t len = seq_lens[r];
+    const int64_t blocks = (len + BS - 1) / BS;
+    const int64_t n = std::min(parts, blocks);
+    for (int64_t h = 0; h < g.num_kv_heads; ++h)
+      for (int64_t i = 0; i < n; ++i) items.push_back({r, h, std::min(len, blocks * i / n * BS), std::min(len, blocks * (i + 1) / n * BS)});
+  }
+  const int64_t num_decode_items = items.size();
+  for (int64_t r = num_decodes; r < num_reqs; ++r)
+    for (int64_t t = query_start[r]; t < query_start[r + 1]; t += kQueryTile)
+      for (int64_t h = 0; h < g.num_kv_heads; ++h) items.push_back({r, h, t, std::min(t + kQueryTile, query_start[r + 1])});
+  // Longest prefill tiles (latest queries) first, then decodes: the dynamic schedule ends balanced.
+  std::reverse(items.begin() + num_decode_items, items.end());
+  std::rotate(items.begin(), items.begin() + num_decode_items, items.end());
+  const int64_t num_items = items.size();
+
+  // Partial results of split decodes: [num_decode_items][group] x (m, l, acc[D]).
+  std::vector<float> partial(parts > 1 ? num_decode_items * group * (D + 2) : 0);
+  const int64_t first_decode_item = num_items - num_decode_items;
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> qf(kQueryTile * group * D), m(kQueryTile * group), l(kQueryTile * group),
+        acc(kQueryTile * group * D), s(kQueryTile * group * kChunkBlocks * BS);
+    int64_t limit[kQueryTile];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < num_items; ++index) {
+      const Item it = items[index];
+      const bool is_decode = it.req < num_decodes;
+      const int64_t first_token = is_decode ? it.req : it.begin;
+      const int64_t num_tokens = is_decode ? 1 : it.end - it.begin;
+      const int64_t rows = num_tokens * group;
+      const int64_t len = seq_lens[it.req];
+      // Query token j of a request sits at position len - (query tokens after it) - 1.
+      const int64_t last_query = is_decode ? it.req : query_start[it.req + 1] - 1;
+      for (int64_t j = 0; j < num_tokens; ++j) {
+        limit[j] = len - 1 - (last_query - (first_token + j));
+        for (int64_t hg = 0; hg < group; ++hg) {
+          const T* src = q.at(first_token + j, it.kv_head * group + hg);
+          float* dst = qf.data() + (j * group + hg) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+        }
+      }
+      std::fill(m.begin(), m.begin() + rows, kNegInf);
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
+      const int64_t key_begin = is_decode ? it.begin : 0;
+      const int64_t key_end = is_decode ? it.end : limit[num_tokens - 1] + 1;
+      attend_rows<T, D_>(qf.data(), rows, key_base, value_base, tables + it.req * max_blocks, key_begin, key_end,
+                              limit, g, it.kv_head, m.data(), l.data(), acc.data(), s.data());
+      if (is_decode && parts > 1) {
+        float* dst = partial.data() + (index - first_decode_item) * group * (D + 2);
+        for (int64_t r = 0; r < rows; ++r) {
+          dst[r * (D + 2)] = m[r];
+          dst[r * (D + 2) + 1] = l[r];
+          std::copy(acc.data() + r * D, acc.data() + (r + 1) * D, dst + r * (D + 2) + 2);
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < num_tokens; ++j) {
+        for (int64_t hg = 0; hg < group; ++hg) {
+          const int64_t r = j * group + hg;
+          const float inv = 1.f / l[r];
+          T* dst = out + ((first_token + j) * num_heads + it.kv_head * group + hg) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
         }
       }
     }
   }
-  for (int64_t h = 0; h < num_queries; ++h) {
-    float* __restrict__ s = scores + h * len;
-    float max_score = s[0];
-    for (int64_t pos = 1; pos < len; ++pos) max_score = std::max(max_score, s[pos]);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t pos = 0; pos < len; ++pos) {
-      s[pos] = fast_exp(s[pos] - max_score);
-      total += s[pos];
-    }
-    const float inv = 1.f / total;
-#pragma omp simd
-    for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
-  }
-  std::fill(acc, acc + num_queries * head_dim, 0.f);
-  for (int64_t start = 0; start < len; start += block_size) {
-    const float* __restrict__ block = v + table[start / block_size] * block_stride;
-    const int64_t count = std::min(block_size, len - start);
-    for (int64_t i = 0; i < count; ++i) {
-      const float* __restrict__ row = block + i * pos_stride;
-      for (int64_t kv = 0; kv < num_heads_here; ++kv) {
-        const float* __restrict__ value = row + kv * head_dim;
-        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-          const float p = scores[h * len + start + i];
-          float* __restrict__ a = acc + h * head_dim;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
-        }
+  if (parts == 1) return;
+  // Merge the parts of each (request, kv head): items of one pair are consecutive.
+  int64_t index = 0;
+  while (index < num_decode_items) {
+    const Item first = items[first_decode_item + index];
+    int64_t n = 1;
+    while (index + n < num_decode_items && items[first_decode_item + index + n].req == first.req &&
+           items[first_decode_item + index + n].kv_head == first.kv_head)
+      ++n;
+    for (int64_t hg = 0; hg < group; ++hg) {
+      float mx = kNegInf;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, partial[((index + i) * group + hg) * (D + 2)]);
+      float total = 0.f;
+      std::vector<float> sum(D, 0.f);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* part = partial.data() + ((index + i) * group + hg) * (D + 2);
+        if (part[1] == 0.f) continue;
+        const float w = fast_exp(part[0] - mx);
+        total += w * part[1];
+        for (int64_t d = 0; d < D; ++d) sum[d] += w * part[2 + d];
       }
+      T* dst = out + (first.req * num_heads + first.kv_head * group + hg) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] / total);
     }
+    index += n;
   }
-  std::copy(acc, acc + num_queries * head_dim, out);
+}
+
+template <typename T>
+void dispatch(const Rows<T>& q, T* out, const T* key_base, const T* value_base, const int64_t* tables,
+              int64_t max_blocks, const int64_t* seq_lens, const int64_t* query_start, int64_t num_reqs,
+              int64_t num_decodes, const Geometry& g, float scale) {
+#define PAGEDLLM_ATTEND(D) \
+  attention<T, D>(q, out, key_base, value_base, tables, max_blocks, seq_lens, query_start, num_reqs, num_decodes, g, scale)
+  if (g.block_size == 16 && g.head_dim == 64)
+    PAGEDLLM_ATTEND(64);
+  else if (g.block_size == 16 && g.head_dim == 128)
+    PAGEDLLM_ATTEND(128);
+  else
+    PAGEDLLM_ATTEND(0);
+#undef PAGEDLLM_ATTEND
 }
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(
-    torch::Tensor query,         // [num_reqs, num_heads, head_dim] float32
-    torch::Tensor key_cache,     // [num_blocks, block_size, num_kv_heads, head_dim] float32
-    torch::Tensor value_cache,   // same
-    torch::Tensor block_tables,  // [num_reqs, max_blocks] int64
-    torch::Tensor seq_lens,      // [num_reqs] int64
-    double scale) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat32 && key_cache.scalar_type() == torch::kFloat32,
-              "paged_decode_attention: float32 only");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "paged_decode_attention: contiguous caches only");
-  query = query.contiguous();
+// q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (may be
+// strided views of one fused qkv tensor); kv_cache: [2, num_blocks, num_kv_heads,
+// block_size * head_dim]. Writes k and v at slot_mapping, returns [num_tokens, num_heads, head_dim].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
+                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor seq_lens,
+                              torch::Tensor query_start_loc, int64_t num_decodes, int64_t block_size, double scale) {
+  RECORD_FUNCTION("pagedllm::paged_attention", std::vector<c10::IValue>({q}));
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "kv_cache: [2, num_blocks, num_kv_heads, tile]");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "paged_attention: q, k, v and the cache must share a dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && block_tables.scalar_type() == torch::kInt64 &&
+                  seq_lens.scalar_type() == torch::kInt64 && query_start_loc.scalar_type() == torch::kInt64,
+              "paged_attention: int64 metadata");
+  slot_mapping = slot_mapping.contiguous();
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
-  const int64_t num_reqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
-  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(query);
-
-  const float* q = query.data_ptr<float>();
-  const float* k = key_cache.data_ptr<float>();
-  const float* v = value_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  // Strides of the cache: one position of one head is head_dim floats.
-  const int64_t pos_stride = num_kv_heads * head_dim, block_stride = block_size * pos_stride;
-
-  // Whole requests per work item when there are enough of them to keep every thread busy;
-  // otherwise (few requests: single-stream decode) one kv head per item.
-  const int64_t heads_per_item = num_reqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t items_per_req = num_kv_heads / heads_per_item;
-  const int64_t num_items = num_reqs * items_per_req;
-  // Dynamic schedule: requests differ in length, so equal static shares would leave a
-  // thread idle while another finishes the long ones.
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<float> scores;
-    std::vector<float> acc(heads_per_item * group * head_dim);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_items; ++item) {
-      const int64_t r = item / items_per_req, kv_head = (item % items_per_req) * heads_per_item;
-      const int64_t len = lens[r];
-      scores.resize(heads_per_item * group * len);
-      const float* queries = q + (r * num_heads + kv_head * group) * head_dim;
-      const float* kh = k + kv_head * head_dim;
-      const float* vh = v + kv_head * head_dim;
-      const int64_t* table = tables + r * max_blocks;
-      float* out_r = o + (r * num_heads + kv_head * group) * head_dim;
-      switch (head_dim) {
-        case 64:
-          attend<64>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride, block_stride,
-                     fscale, scores.data(), acc.data(), out_r);
-          break;
-        case 128:
-          attend<128>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride,
-                      block_stride, fscale, scores.data(), acc.data(), out_r);
-          break;
-        default:
-          attend<0>(queries, kh, vh, table, len, heads_per_item, group, head_dim, block_size, pos_stride, block_stride,
-                    fscale, scores.data(), acc.data(), out_r);
-      }
-    }
-  }
+  query_start_loc = query_start_loc.contiguous();
+  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k.size(1);
+  TORCH_CHECK(kv_cache.size(2) == num_kv_heads && kv_cache.size(3) == block_size * head_dim, "kv_cache shape mismatch");
+  const Geometry g{num_kv_heads, num_heads / num_kv_heads, head_dim, block_size};
+  auto out = torch::empty({num_tokens, num_heads, head_dim}, q.options());
+  const int64_t half = kv_cache.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    scalar_t* key_base = kv_cache.data_ptr<scalar_t>();
+    scalar_t* value_base = key_base + half;
+    write_kv<scalar_t>(rows_of<scalar_t>(k), rows_of<scalar_t>(v), num_tokens, slot_mapping.data_ptr<int64_t>(),
+                       key_base, value_base, g);
+    dispatch<scalar_t>(rows_of<scalar_t>(q), out.data_ptr<scalar_t>(), key_base, value_base,
+                       block_tables.data_ptr<int64_t>(), block_tables.size(1), seq_lens.data_ptr<int64_t>(),
+                       query_start_loc.data_ptr<int64_t>(), seq_lens.size(0), num_decodes, g, static_cast<float>(scale));
+  });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (CPU, float32)");
+  m.def("paged_attention", &paged_attention, "write K/V and attend over the paged KV cache (CPU)");
 }

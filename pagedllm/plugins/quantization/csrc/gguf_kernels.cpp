@@ -248,6 +248,33 @@ void rows_generic(const float* x, int64_t M, int64_t K, const uint8_t* raw, int6
   }
 }
 
+// One block to floats (block_values of them), vectorised for the 32-value types on AVX2.
+template <int64_t TYPE>
+inline void dequantize_block(const uint8_t* b, float* w) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q8_0) {
+    __m256 q[4];
+    float d, minimum;
+    block_values<TYPE>(b, q, &d, &minimum);
+    // gguf-py's arithmetic: d * (q - 8), d * q + m, q * d
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(minimum), eight = _mm256_set1_ps(8.f);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 v = TYPE == Q4_0 ? _mm256_mul_ps(vd, _mm256_sub_ps(q[i], eight))
+                                    : _mm256_add_ps(_mm256_mul_ps(vd, q[i]), vm);
+      _mm256_storeu_ps(w + 8 * i, v);
+    }
+    return;
+  }
+#endif
+  decode(TYPE, b, w);
+}
+
+template <int64_t TYPE>
+void dequantize_blocks(const uint8_t* raw, float* out, int64_t begin, int64_t end) {
+  const Format f = format_of(TYPE);
+  for (int64_t i = begin; i < end; ++i) dequantize_block<TYPE>(raw + i * f.block_bytes, out + i * f.block_values);
+}
+
 template <int64_t TYPE>
 void mul_mat_rows(const float* x, int64_t M, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
                   float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -294,17 +321,27 @@ torch::Tensor gguf_mul_mat(torch::Tensor x, torch::Tensor raw, int64_t type) {
   return y;
 }
 
-// raw [N, bytes] uint8 -> [N, K] float32.
-torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type) {
+// raw [N, bytes] uint8 -> out [N, K] float32 (a caller's scratch buffer: no page faults per call).
+torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out) {
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
   const Format f = format_of(type);
   raw = raw.contiguous();
   const int64_t N = raw.size(0), num_blocks = raw.size(1) / f.block_bytes;
-  auto out = torch::empty({N, num_blocks * f.block_values}, raw.options().dtype(torch::kFloat32));
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == num_blocks * f.block_values, "out must be contiguous float32 [N, K]");
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N * num_blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) decode(type, rp + i * f.block_bytes, op + i * f.block_values);
+    switch (type) {
+      case Q4_0: return dequantize_blocks<Q4_0>(rp, op, begin, end);
+      case Q4_1: return dequantize_blocks<Q4_1>(rp, op, begin, end);
+      case Q5_0: return dequantize_blocks<Q5_0>(rp, op, begin, end);
+      case Q5_1: return dequantize_blocks<Q5_1>(rp, op, begin, end);
+      case Q8_0: return dequantize_blocks<Q8_0>(rp, op, begin, end);
+      case Q4_K: return dequantize_blocks<Q4_K>(rp, op, begin, end);
+      case Q5_K: return dequantize_blocks<Q5_K>(rp, op, begin, end);
+      case Q6_K: return dequantize_blocks<Q6_K>(rp, op, begin, end);
+    }
   });
   return out;
 }

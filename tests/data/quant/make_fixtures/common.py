@@ -73,13 +73,14 @@ def write_provenance(out, tool, packages, command, notes):
              f"- tool: {tool}",
              "- versions: " + ", ".join(f"{p} {version(p)}" for p in packages),
              f"- python {platform.python_version()}, {platform.machine()}, date {datetime.date.today().isoformat()}",
-             f"- command: `{command}`",
+             f"- command (in tests/data/quant/make_fixtures, BASE from make_base.py): `{command}`",
              "- base model: `make_base.py` (tiny random Llama, vocab 512, 2 layers, tied embeddings)",
              "- reference.safetensors: `<module>.weight` = the external decoder's dequantized weight of each quantized"
              " linear ([out, in], in the dtype the decoder returns); `prompt_ids` = tokens of " + json.dumps(PROMPT)
-             + "; `logits` [prompt, vocab] and `greedy_ids` (" + str(NEW_TOKENS) + " tokens) from transformers'"
-             " float32 Llama holding those dequantized weights; `logits_native` / `greedy_ids_native` from"
-             " transformers running the checkpoint through the tool's own kernels (see below)",
+             + "; `logits` [prompt, vocab] and `greedy_ids` (" + str(NEW_TOKENS) + " tokens): transformers in float32"
+             " on the decoded checkpoint (the dequantized weights in a plain Llama, or the tool's own dense"
+             " decompression: see below); `logits_native` / `greedy_ids_native` (where present): transformers"
+             " running the checkpoint through the tool's own kernels",
              ""] + [f"{n}" for n in notes]
     with open(os.path.join(out, "PROVENANCE.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

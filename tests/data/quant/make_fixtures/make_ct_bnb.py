@@ -6,10 +6,10 @@ compressed-tensors transformers safetensors gguf accelerate; pip install -c C bi
     PYTHONPATH=. python make_ct_bnb.py BASE OUT [names...]
 External truth written to each reference.safetensors:
 - compressed-tensors: weights and logits from transformers' CompressedTensorsConfig(run_compressed=False), i.e.
-  compressed-tensors' own decompression to dense Linear layers (weights: bfloat16, logits: float32), which still run the scheme's dynamic
-  per-token input-activation fake quantization (FP8 / INT8 W8A8) in forward;
-- bitsandbytes: weights from bitsandbytes.functional.dequantize_4bit (4-bit) or int8_vectorwise_dequant(weight, SCB) (8-bit) of the
-  reloaded checkpoint; `logits` from transformers' float32 Llama holding those weights, `logits_native` from the
+  compressed-tensors' own decompression to dense Linear layers (weights: bfloat16, logits: float32), which still
+  run the scheme's dynamic per-token input-activation fake quantization (FP8 / INT8 W8A8) in forward;
+- bitsandbytes: weights from bitsandbytes.functional.dequantize_4bit (4-bit) or int8_vectorwise_dequant(weight, SCB)
+  (8-bit) of the reloaded checkpoint; `logits` from transformers' float32 Llama holding those weights, `logits_native` from the
   reloaded bitsandbytes model (bnb's own CPU kernels).
 """
 
@@ -18,7 +18,16 @@ import sys
 import time
 
 import torch
-from common import cmdline, copy_tokenizer, dense_model, prune, reference_outputs, save_reference, write_provenance, calibration_ids
+from common import (
+    calibration_ids,
+    cmdline,
+    copy_tokenizer,
+    dense_model,
+    prune,
+    reference_outputs,
+    save_reference,
+    write_provenance,
+)
 
 # name -> (base, llm-compressor preset scheme, modifier)
 CT = {

@@ -18,7 +18,16 @@ import time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel 7.6 crashes on <= 2 cores otherwise
 
 import torch  # noqa: E402
-from common import calibration_ids, cmdline, dense_model, copy_tokenizer, prune, reference_outputs, save_reference, write_provenance  # noqa: E402
+from common import (  # noqa: E402
+    calibration_ids,
+    cmdline,
+    copy_tokenizer,
+    dense_model,
+    prune,
+    reference_outputs,
+    save_reference,
+    write_provenance,
+)
 
 # name -> (base, bits, group_size, desc_act, sym)
 GPTQ = {
@@ -130,7 +139,7 @@ def finish(out, base, weights, outputs, tool, deq, kernels, spec):
     prune(out)
     write_provenance(out, tool, ["gptqmodel", "torch", "transformers", "optimum"], cmdline(), [
         f"- spec (base, bits, group_size, desc_act, sym): {spec}",
-        f"- reference weights from: {', '.join(sorted(deq))} ({', '.join(sorted(dtypes))}); logits from transformers "
+        f"- reference weights from: {', '.join(sorted(deq))} ({', '.join(sorted(dtypes))}); logits_native from transformers "
         f"with: {', '.join(sorted(kernels))}",
         "- calibration: 16 x 64 random token ids (torch.Generator seed 0)",
     ])

@@ -1,4 +1,4 @@
-"""ToolParser: the shared engine of the built-in tool parsers, one left-to-right scan for finished text and streams.
+"""ToolParser: the base of tool-call parsers, one left-to-right scan for finished text and streams.
 
 A parser only says where a call region starts and what a region holds
 (:meth:`ToolParser.find_start`, :meth:`ToolParser.parse_region`). The base class scans
