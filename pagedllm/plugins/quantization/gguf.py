@@ -141,6 +141,9 @@ class GGUFLinearMethod(LinearMethod):
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.gguf_types, layer.gguf_raw = {}, {}  # shard -> GGML type / raw blocks, until repacked
+        # merged layers: type -> [out_features, bytes] buffer the shards of that type are copied into
+        # (rows of other types stay untouched, so never resident); no concatenation after loading
+        layer.gguf_merged = {}
         layer.gguf_parts = None  # [(num_rows, kernel)] covering the output rows in order
         layer.compute_dtype = dtype
         layer.gguf_device = torch.empty(0).device  # the engine builds the model under torch.device(...)
@@ -167,27 +170,35 @@ class GGUFLinearMethod(LinearMethod):
         if tuple(tensor.shape) != expected or tensor.dtype != torch.uint8 or layer.in_features % block_size:
             raise ValueError(f"{where}: expected {qtype.name} blocks of shape {expected} (uint8), "
                              f"got {tuple(tensor.shape)} ({tensor.dtype})")  # fmt: skip
-        layer.gguf_raw[shard] = tensor.to(layer.gguf_device)
+        if shard is None:
+            layer.gguf_raw[shard] = tensor.to(layer.gguf_device)
+            return
+        if qtype not in layer.gguf_merged:
+            size = (layer.out_features, expected[1])
+            layer.gguf_merged[qtype] = torch.empty(size, dtype=torch.uint8, device=layer.gguf_device)
+        rows = layer.gguf_merged[qtype].narrow(0, layer.offsets[shard], layer.output_sizes[shard])
+        layer.gguf_raw[shard] = rows.copy_(tensor)
 
     def process_weights_after_loading(self, layer):
         if not self.is_embedding:  # an embedding builds its kernels on first use as an LM head (tied)
             layer.gguf_parts = self._build_parts(layer)
-            layer.gguf_raw = {}
+            layer.gguf_raw, layer.gguf_merged = {}, {}
 
     def _build_parts(self, layer) -> list:
-        """Group consecutive shards of one type into a part each; make each part's kernel."""
-        groups: list[tuple[GGML, list[torch.Tensor]]] = []
-        for shard in sorted(layer.gguf_raw, key=lambda s: -1 if s is None else s):
-            qtype = layer.gguf_types[shard]
-            if groups and groups[-1][0] == qtype:
-                groups[-1][1].append(layer.gguf_raw[shard])
-            else:
-                groups.append((qtype, [layer.gguf_raw[shard]]))
-        parts = []
-        for qtype, raws in groups:
-            raw = raws[0] if len(raws) == 1 else torch.cat(raws)
-            parts.append((raw.shape[0], self._kernel(layer, qtype, raw)))
-        return parts
+        """One part per run of consecutive shards of one type (rows of one buffer), with its kernel."""
+        if None in layer.gguf_raw:
+            runs = [(layer.gguf_types[None], layer.gguf_raw[None])]
+        else:
+            runs = []
+            for shard in sorted(layer.gguf_raw):
+                qtype = layer.gguf_types[shard]
+                if runs and runs[-1][0] == qtype:
+                    start = layer.offsets[runs[-1][2]]
+                    rows = layer.offsets[shard] + layer.output_sizes[shard] - start
+                    runs[-1] = (qtype, layer.gguf_merged[qtype].narrow(0, start, rows), runs[-1][2])
+                else:
+                    runs.append((qtype, layer.gguf_raw[shard], shard))
+        return [(raw.shape[0], self._kernel(layer, qtype, raw)) for qtype, raw, *_ in runs]
 
     def _kernel(self, layer, qtype: GGML, raw: torch.Tensor):
         if qtype in FLOAT_TYPES:
