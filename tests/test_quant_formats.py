@@ -330,3 +330,23 @@ def test_triton_kernel_is_refused_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="'gptq': kernel 'triton' needs a CUDA device.*'auto' or 'dequant'"):
         _engine(DATA / "gptq-4bit-gchannel-sym", quantization_kernel="triton")
+
+
+def test_module_selection_follows_the_checkpoint_names_of_merged_layers():
+    from pagedllm.plugins.quantization.bitsandbytes import BitsAndBytesMethod
+    from pagedllm.plugins.quantization.compressed_tensors import CompressedTensorsMethod
+
+    qc = json.loads((DATA / "ct-w4a16" / "config.json").read_text())["quantization_config"]
+    qc["ignore"] = ["lm_head", "re:.*layers\\.1\\.mlp\\..*"]
+    method = CompressedTensorsMethod.from_config(qc, None)
+    assert method.scheme_of("model.layers.0.mlp.gate_up_proj").bits == 4
+    assert method.scheme_of("model.layers.1.mlp.gate_up_proj") is None and method.scheme_of("lm_head") is None
+    qc["ignore"] = ["model.layers.0.self_attn.v_proj"]  # q and k quantized, v not: no single scheme for qkv_proj
+    with pytest.raises(ValueError, match="qkv_proj.*different schemes"):
+        CompressedTensorsMethod.from_config(qc, None).get_linear_method("model.layers.0.self_attn.qkv_proj")
+    bnb = BitsAndBytesMethod.from_config({"load_in_4bit": True, "llm_int8_skip_modules": ["mlp"]}, None)
+    assert type(bnb.get_linear_method("model.layers.0.mlp.down_proj")).__name__ == "UnquantizedLinearMethod"
+    assert type(bnb.get_linear_method("model.layers.0.self_attn.qkv_proj")).__name__ == "BitsAndBytesLinearMethod"
+    bnb.skip = ("v_proj",)
+    with pytest.raises(ValueError, match="leaves only some of"):
+        bnb.get_linear_method("model.layers.0.self_attn.qkv_proj")

@@ -15,7 +15,8 @@ def pagedllm_register_quantization_methods(register):
     register(
         "gptq", "pagedllm.plugins.quantization.gptq:GPTQMethod",
         formats=["gptq v1/v2: 2/4/8-bit, group size any or -1, desc_act (g_idx), sym/asym"], devices=["cpu", "cuda"],
-        description="GPTQModel / AutoGPTQ checkpoints: 4-bit on int4pack (act-order via input permutation), 8-bit per-channel on int8pack, else dequantized at load (cpu kernels; cuda: dequant)",
+        description="GPTQModel / AutoGPTQ checkpoints: 4-bit on int4pack (act-order: permuted inputs), "
+                    "8-bit per-channel on int8pack, else dequantized at load; cuda: triton (4-bit) or dequant",
     )  # fmt: skip
     register(
         "awq", "pagedllm.plugins.quantization.awq:AWQMethod",
@@ -26,13 +27,19 @@ def pagedllm_register_quantization_methods(register):
         "compressed-tensors", "pagedllm.plugins.quantization.compressed_tensors:CompressedTensorsMethod",
         formats=["FP8 W8A8 (dynamic per-token)", "INT8 W8A8 (dynamic per-token)", "W4A16 / W8A16 pack-quantized"],
         devices=["cpu", "cuda"],
-        description="llm-compressor checkpoints: FP8 dequantized at load (or torch._scaled_mm), INT8 via torch._int_mm, W4A16 on int4pack",
+        description="llm-compressor checkpoints: FP8 dequantized at load (or torch._scaled_mm), "
+                    "INT8 via torch._int_mm, W4A16 on int4pack",
     )  # fmt: skip
-    for name, cls, what in [("bitsandbytes", "BitsAndBytesMethod", "NF4"), ("bitsandbytes-fp4", "BitsAndBytesFP4Method", "FP4"),
-                            ("bitsandbytes-int8", "BitsAndBytesInt8Method", "LLM.int8")]:  # fmt: skip
-        register(
-            name, f"pagedllm.plugins.quantization.bitsandbytes:{cls}",
-            formats=["bnb nf4/fp4 (double quant)", "bnb int8"] if name == "bitsandbytes" else [what], devices=["cpu", "cuda"],
-            description=(f"pre-quantized bitsandbytes checkpoints, or a float model quantized to {what} at load"
-                         if name == "bitsandbytes" else f"a float model quantized to {what} at load by bitsandbytes"),
-        )  # fmt: skip
+    register(
+        "bitsandbytes", "pagedllm.plugins.quantization.bitsandbytes:BitsAndBytesMethod",
+        formats=["bnb nf4/fp4 (double quant)", "bnb LLM.int8"], devices=["cpu", "cuda"],
+        description="pre-quantized bitsandbytes checkpoints, or a float model quantized to NF4 at load",
+    )  # fmt: skip
+    register(
+        "bitsandbytes-fp4", "pagedllm.plugins.quantization.bitsandbytes:BitsAndBytesFP4Method",
+        formats=["bnb fp4"], devices=["cpu", "cuda"], description="a float model quantized to FP4 at load by bitsandbytes",
+    )  # fmt: skip
+    register(
+        "bitsandbytes-int8", "pagedllm.plugins.quantization.bitsandbytes:BitsAndBytesInt8Method",
+        formats=["bnb LLM.int8"], devices=["cpu", "cuda"], description="a float model quantized to LLM.int8 at load by bitsandbytes",
+    )  # fmt: skip

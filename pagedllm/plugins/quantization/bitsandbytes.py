@@ -28,6 +28,7 @@ import json
 import torch
 
 from pagedllm.core.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
+from pagedllm.plugins.quantization.compressed_tensors import checkpoint_modules
 from pagedllm.plugins.quantization.int_weights import Dense, Int8Pack, IntWeight
 
 _STATE_KEYS = ("quant_type", "blocksize", "dtype", "shape")
@@ -232,9 +233,12 @@ class BitsAndBytesMethod(QuantizationMethod):
                              f"needs int8 weights on CPU, not {self.quant_type} on {device}; use 'bnb' or 'dequant'")  # fmt: skip
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
-        if prefix == "lm_head" or any(name in prefix for name in self.skip):
-            return UnquantizedLinearMethod()
-        return BitsAndBytesLinearMethod(self)
+        # transformers skips a module when any llm_int8_skip_modules entry is a substring of its name
+        skipped = {prefix == "lm_head" or any(key in name for key in self.skip) for name in checkpoint_modules(prefix)}
+        if len(skipped) > 1:
+            raise ValueError(f"{prefix}: quantization_config.llm_int8_skip_modules={list(self.skip)} leaves only some of "
+                             f"{checkpoint_modules(prefix)} in float; this merged layer needs all or none")  # fmt: skip
+        return UnquantizedLinearMethod() if skipped.pop() else BitsAndBytesLinearMethod(self)
 
 
 class BitsAndBytesFP4Method(BitsAndBytesMethod):

@@ -267,7 +267,7 @@ class CompressedTensorsLinearMethod(IntLinearMethod):
         return super().build_kernel(layer, parts)
 
 
-def _names(prefix: str) -> list[str]:
+def checkpoint_modules(prefix: str) -> list[str]:
     """The checkpoint module names our layer at ``prefix`` holds (merged layers hold several)."""
     head, _, last = prefix.rpartition(".")
     parts = _MERGED_PARTS.get(last)
@@ -316,13 +316,13 @@ class CompressedTensorsMethod(QuantizationMethod):
     def scheme_of(self, prefix: str) -> Scheme | None:
         """The scheme of our layer at ``prefix`` (None: left in float); merged parts must agree."""
         found = set()
-        for name in _names(prefix):
+        for name in checkpoint_modules(prefix):
             scheme = None
             if not _matches(name, self.ignore):
                 scheme = next((s for targets, s in self.groups if _matches(name, targets)), None)
             found.add(scheme)
         if len(found) > 1:
-            raise ValueError(f"{prefix}: quantization method 'compressed-tensors': the merged parts {_names(prefix)} "
+            raise ValueError(f"{prefix}: quantization method 'compressed-tensors': the merged parts {checkpoint_modules(prefix)} "
                              "are stored with different schemes, which this layer cannot hold")  # fmt: skip
         return found.pop()
 
