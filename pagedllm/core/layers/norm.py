@@ -1,9 +1,11 @@
-"""RMSNorm, computed in float32 like the reference implementations."""
+"""RMSNorm, computed in float32 like the reference implementations, optionally fused with the residual add."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pagedllm.core.layers.fused import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -12,8 +14,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``(norm(residual + x), residual + x)`` in one pass.
+
+        The fused form may overwrite ``x`` and ``residual`` (it reuses their memory).
+        """
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.core.layers.fused import rotary_
+
 
 def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling, using transformers' own RoPE formulas."""
@@ -52,6 +54,11 @@ class RotaryEmbedding(nn.Module):
         """Rotate ``x`` [num_tokens, heads, head_dim]: pass queries and keys together as one tensor."""
         cos, sin = self._lookup(positions, x.dtype)
         return _rotate(x, cos, sin)
+
+    def rotate_(self, positions: torch.Tensor, x: torch.Tensor, num_heads: int) -> None:
+        """Rotate, in place, heads ``[0, num_heads)`` of each row of ``x`` [num_tokens, width]
+        (e.g. the query and key heads at the start of a fused qkv row)."""
+        rotary_(x, num_heads, positions, self.cos, self.sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,18 +20,21 @@ _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 def load_kernel():
     """Compile (once per machine; cached by torch under ~/.cache/torch_extensions) and load the kernel.
 
-    Returns None, with a warning, where no C++ tool chain is available.
+    Returns the op namespace (``.paged_attention``), or None, with a warning, where no
+    C++ tool chain is available.
     """
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="pagedllm_paged_attention_v2",
+        load(
+            name="pagedllm_paged_attention_v3",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            is_python_module=False,
             verbose=False,
         )
+        return torch.ops.pagedllm_attention
     except Exception as exc:  # no compiler, no ninja, ...: the torch path still works
         logger.warning("pagedllm: CPU attention kernel unavailable (%s); using the torch reference backend", exc)
         return None

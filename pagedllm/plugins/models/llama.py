@@ -9,6 +9,7 @@ from torch import nn
 
 from pagedllm.core.attention import AttentionMetadata
 from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagedllm.core.layers.fused import silu_and_mul
 from pagedllm.core.layers.linear import find_layer
 from pagedllm.core.model_spec import KVCacheSpec, ModelContext
 
@@ -34,13 +35,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, ctx.attention_backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-        q_size, kv_size = self.q_size, self.kv_size
-        # Queries and keys rotate in one go: [num_tokens, num_heads + num_kv_heads, head_dim]
-        qk = self.rotary_emb(positions, qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim))
-        q, k = qk.view(num_tokens, -1).split([q_size, kv_size], dim=-1)
-        out = self.attn(q, k, qkv[:, q_size + kv_size :], batch)
+        # Queries and keys (the leading heads of each row) rotate in place, in one go.
+        self.rotary_emb.rotate_(positions, qkv, self.num_heads + self.num_kv_heads)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        out = self.attn(q, k, v, batch)
         return self.o_proj(out)
 
 
@@ -54,8 +53,7 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama plugin (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -66,9 +64,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, batch: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next layer's
+        norm adds them, fused (the first layer gets residual None)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -83,9 +90,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        residual = None
         for layer in self.layers:
-            hidden = layer(positions, hidden, batch)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, batch)
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

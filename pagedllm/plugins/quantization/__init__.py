@@ -10,7 +10,8 @@ def pagedllm_register_quantization_methods(register):
     register(
         "gguf", "pagedllm.plugins.quantization.gguf:GGUFMethod",
         formats=_GGUF_TYPES, devices=["cpu", "cuda"],
-        description="GGUF files, kept quantized: Q4_0/Q4_1 (and 32-aligned Q4_K) on int4pack, Q8_0 blockwise, the rest dequantized a tile at a time",
+        description="GGUF files kept quantized: on CPU a C++ kernel multiplies the raw blocks (float32, exact); "
+                    "kernel int4pack: Q4_0/Q4_1/Q4_K on torch int4pack (bf16); dequant: tiles in torch (any device)",
     )  # fmt: skip
     register(
         "gptq", "pagedllm.plugins.quantization.gptq:GPTQMethod",

@@ -10,9 +10,13 @@
 // A work item is (request, kv head[, part of the sequence]): all query heads of a GQA group
 // are scored against one read of the kv head's tiles. Softmax is online (running max and
 // sum, one pass over the keys). Compute is float32 whatever the cache dtype.
-#include <torch/extension.h>
+// Registered as the torch op pagedllm_attention::paged_attention (light headers: fast to build).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,22 +29,22 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0, vectorisable (std::exp is a scalar call here): 2^(x log2 e) as
-// 2^integer (exponent bits) times a degree-6 polynomial of 2^fraction; relative error
-// about 2e-7, below float32 rounding of the softmax that follows.
+// exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
+// split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
+// polynomial. Relative error ~1e-7, like a libm expf.
 inline float fast_exp(float x) {
-  x = std::max(x, -87.f);
-  const float t = x * 1.44269504088896341f;
-  const float fi = std::floor(t);
-  const float f = t - fi;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  x = std::max(x, -87.f);  // (only x <= 0 here)
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -61,7 +65,7 @@ struct Rows {
 };
 
 template <typename T>
-Rows<T> rows_of(const torch::Tensor& x) {
+Rows<T> rows_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "expected [tokens, heads, head_dim] with contiguous head_dim");
   return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
 }
@@ -444,15 +448,15 @@ void dispatch(const Rows<T>& q, T* out, const T* key_base, const T* value_base, 
 // q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (may be
 // strided views of one fused qkv tensor); kv_cache: [2, num_blocks, num_kv_heads,
 // block_size * head_dim]. Writes k and v at slot_mapping, returns [num_tokens, num_heads, head_dim].
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
-                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor seq_lens,
-                              torch::Tensor query_start_loc, int64_t num_decodes, int64_t block_size, double scale) {
+at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache,
+                              at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
+                              at::Tensor query_start_loc, int64_t num_decodes, int64_t block_size, double scale) {
   RECORD_FUNCTION("pagedllm::paged_attention", std::vector<c10::IValue>({q}));
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "kv_cache: [2, num_blocks, num_kv_heads, tile]");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "paged_attention: q, k, v and the cache must share a dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && block_tables.scalar_type() == torch::kInt64 &&
-                  seq_lens.scalar_type() == torch::kInt64 && query_start_loc.scalar_type() == torch::kInt64,
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && block_tables.scalar_type() == at::kLong &&
+                  seq_lens.scalar_type() == at::kLong && query_start_loc.scalar_type() == at::kLong,
               "paged_attention: int64 metadata");
   slot_mapping = slot_mapping.contiguous();
   block_tables = block_tables.contiguous();
@@ -462,7 +466,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t num_kv_heads = k.size(1);
   TORCH_CHECK(kv_cache.size(2) == num_kv_heads && kv_cache.size(3) == block_size * head_dim, "kv_cache shape mismatch");
   const Geometry g{num_kv_heads, num_heads / num_kv_heads, head_dim, block_size};
-  auto out = torch::empty({num_tokens, num_heads, head_dim}, q.options());
+  auto out = at::empty({num_tokens, num_heads, head_dim}, q.options());
   const int64_t half = kv_cache.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     scalar_t* key_base = kv_cache.data_ptr<scalar_t>();
@@ -476,6 +480,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "write K/V and attend over the paged KV cache (CPU)");
+TORCH_LIBRARY(pagedllm_attention, m) {
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_tables, "
+        "Tensor seq_lens, Tensor query_start_loc, int num_decodes, int block_size, float scale) -> Tensor");
+  m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
 }

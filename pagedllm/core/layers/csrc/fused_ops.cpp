@@ -1,0 +1,182 @@
+// Fused CPU kernels of the layer helpers: RMSNorm (with the residual add), SiLU-and-mul and
+// in-place RoPE. Each replaces 3-9 torch ops (and their temporaries) by one pass over the
+// rows; at decode batch sizes the ops are tiny, so dispatch, not arithmetic, was the cost.
+//
+// Arithmetic follows the torch reference op by op (float32 compute, no FMA contraction,
+// no fast-math), so results match it to float32 rounding of the row sums.
+// Registered as torch ops pagedllm_ops::* (light headers: fast to build). Loops inside the
+// dtype-dispatch macros use _Pragma: a #pragma cannot sit in a macro argument.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// Rows per task: parallel only when a task has enough work to pay for waking a thread.
+int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
+
+// out = x * rsqrt(mean(x^2) + eps) * weight, one row.
+template <typename T>
+inline void norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int64_t n, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    sum += v * v;
+  }
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(static_cast<T>(static_cast<float>(x[i]) * r)));
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "expected [rows, hidden] with contiguous rows");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && w.scalar_type() == x.scalar_type(), "weight: [hidden], x's dtype");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  RECORD_FUNCTION("pagedllm::rms_norm", std::vector<c10::IValue>({x}));
+  check_rows(x, weight);
+  auto out = at::empty(x.sizes(), x.options());
+  const int64_t rows = x.size(0), n = x.size(1), ld = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) norm_row(xp + r * ld, wp, op + r * n, n, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// residual += x; x = rms_norm(residual) * weight — both in place.
+void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  RECORD_FUNCTION("pagedllm::add_rms_norm_", std::vector<c10::IValue>({x}));
+  check_rows(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.stride(1) == 1 && residual.scalar_type() == x.scalar_type(),
+              "residual: x's shape and dtype");
+  const int64_t rows = x.size(0), n = x.size(1), ldx = x.stride(0), ldr = residual.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* __restrict__ xr = xp + r * ldx;
+        scalar_t* __restrict__ rr = rp + r * ldr;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) rr[i] = static_cast<scalar_t>(static_cast<float>(rr[i]) + static_cast<float>(xr[i]));
+        norm_row(rr, wp, xr, n, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+// exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
+// split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
+// polynomial. Relative error ~1e-7, like a libm expf.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// [rows, 2 * d] (gate | up) -> silu(gate) * up, [rows, d].
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  RECORD_FUNCTION("pagedllm::silu_and_mul", std::vector<c10::IValue>({x}));
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "expected [rows, 2 * d] with contiguous rows");
+  const int64_t rows = x.size(0), d = x.size(1) / 2, ld = x.stride(0);
+  auto out = at::empty({rows, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(2 * d), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict__ gate = xp + r * ld;
+        const scalar_t* __restrict__ up = gate + d;
+        scalar_t* __restrict__ o = op + r * d;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < d; ++i) {
+          const float g = static_cast<float>(gate[i]);
+          const scalar_t silu = static_cast<scalar_t>(g / (1.f + exp_approx(-g)));
+          o[i] = static_cast<scalar_t>(static_cast<float>(silu) * static_cast<float>(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Rotate-half RoPE in place on heads [0, num_heads) of each row of x [tokens, >= num_heads *
+// head_dim] (e.g. the q and k part of a fused qkv row). cos, sin: [max_positions, head_dim / 2].
+void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads) {
+  RECORD_FUNCTION("pagedllm::rotary_", std::vector<c10::IValue>({x}));
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "expected [tokens, width] with contiguous rows");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.scalar_type() == at::kFloat,
+              "cos, sin: contiguous float32 [max_positions, head_dim / 2]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == x.size(0),
+              "positions: int64 [tokens]");
+  const int64_t half = cos.size(1), head_dim = 2 * half, tokens = x.size(0), ld = x.stride(0);
+  TORCH_CHECK(num_heads * head_dim <= x.size(1), "rotary_: rows narrower than num_heads * head_dim");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "rotary_: position out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain(num_heads * head_dim), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        // Like the reference, cos and sin are rounded to x's dtype first.
+        const float* __restrict__ c = cp + pos[t] * half;
+        const float* __restrict__ s = sp + pos[t] * half;
+        for (int64_t h = 0; h < num_heads; ++h) {
+          scalar_t* __restrict__ x1 = xp + t * ld + h * head_dim;
+          scalar_t* __restrict__ x2 = x1 + half;
+_Pragma("omp simd")
+          for (int64_t i = 0; i < half; ++i) {
+            const float ci = static_cast<float>(static_cast<scalar_t>(c[i])), si = static_cast<float>(static_cast<scalar_t>(s[i]));
+            const float a = static_cast<float>(x1[i]), b = static_cast<float>(x2[i]);
+            const float a_cos = static_cast<float>(static_cast<scalar_t>(a * ci)), b_sin = static_cast<float>(static_cast<scalar_t>(b * si));
+            const float b_cos = static_cast<float>(static_cast<scalar_t>(b * ci)), a_sin = static_cast<float>(static_cast<scalar_t>(a * si));
+            x1[i] = static_cast<scalar_t>(a_cos - b_sin);
+            x2[i] = static_cast<scalar_t>(b_cos + a_sin);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagedllm_ops, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int num_heads) -> ()");
+  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+  m.impl("add_rms_norm_", c10::DispatchKey::CPU, &add_rms_norm_);
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
+  m.impl("rotary_", c10::DispatchKey::CPU, &rotary_);
+}

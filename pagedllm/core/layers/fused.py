@@ -1,0 +1,89 @@
+"""Fused elementwise kernels of the layer helpers (RMSNorm + residual, SiLU-and-mul, RoPE), with torch fallbacks.
+
+On CPU each runs as one C++ op (``csrc/fused_ops.cpp``, built on first use and cached by
+torch under ``~/.cache/torch_extensions``) instead of 3-9 torch ops with temporaries: at
+decode batch sizes those ops are tiny and their dispatch was most of their cost. Elsewhere
+(CUDA, no C++ tool chain) the same functions run the torch ops they replace.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
+
+
+@functools.cache
+def _load_ops():
+    """The op namespace ``torch.ops.pagedllm_ops``, or None (with a warning) without a tool chain."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="pagedllm_fused_ops",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return torch.ops.pagedllm_ops
+    except Exception as exc:  # no compiler, no ninja, ...
+        logger.warning("pagedllm: fused CPU kernels unavailable (%s); using torch ops", exc)
+        return None
+
+
+def _cpu_ops(x: torch.Tensor):
+    return _load_ops() if x.device.type == "cpu" else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, in float32 like Hugging Face; x: [rows, hidden]."""
+    ops = _cpu_ops(x)
+    if ops is not None and x.dim() == 2 and x.stride(1) == 1:
+        return ops.rms_norm(x, weight, eps)
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual = residual + x``, then ``(rms_norm(residual), residual)``; may reuse both inputs' memory."""
+    ops = _cpu_ops(x)
+    if ops is not None and x.dim() == 2 and x.stride(1) == 1 and residual.stride(1) == 1:
+        ops.add_rms_norm_(x, residual, weight, eps)
+        return x, residual
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` [rows, 2 * d] -> [rows, d]."""
+    ops = _cpu_ops(x)
+    if ops is not None and x.dim() == 2 and x.stride(1) == 1:
+        return ops.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_(x: torch.Tensor, num_heads: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE, in place, on heads ``[0, num_heads)`` of each row of ``x`` [tokens, width].
+
+    ``cos``/``sin``: [max_positions, head_dim // 2] float32 tables, looked up at ``positions``.
+    """
+    ops = _cpu_ops(x)
+    if ops is not None and x.dim() == 2 and x.stride(1) == 1:
+        ops.rotary_(x, positions, cos, sin, num_heads)
+        return
+    head_dim = 2 * cos.shape[1]
+    heads = x[:, : num_heads * head_dim].view(x.shape[0], num_heads, head_dim)
+    c = cos[positions].unsqueeze(1).to(x.dtype)  # [tokens, 1, head_dim // 2]
+    s = sin[positions].unsqueeze(1).to(x.dtype)
+    x1, x2 = heads.chunk(2, dim=-1)
+    heads.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
