@@ -10,7 +10,7 @@ Each path runs in its own process (so resident memory is its own), one after the
 | int4 | the shipped Q4_1 GGUF run natively: the default (kernel `blocks`, float32 activations) |
 | int4 int4pack | the same through torch's `_weight_int4pack_mm_for_cpu` (bfloat16 activations) |
 
-Measured per path: single-stream decode tokens/s (one request, steps after its prefill),
+Measured per path: single-stream decode tokens/s (one request; 1 / the median time of its decode steps),
 batched output tokens/s (NUM_BATCH requests at once, prefill included), resident memory
 (VmRSS after the runs; "model" = RSS after building the engine minus RSS before it, once
 torch, transformers and the tokenizer are loaded), and the load time. Greedy, EOS ignored.
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,14 +96,16 @@ def worker(spec: dict) -> dict:
     rng = random.Random(0)
     vocab = engine.vocab_size
 
-    # single stream: time the steps after the prefill step
+    # single stream: the median time of the steps after the prefill step (robust to a busy machine)
     params = SamplingParams(temperature=0.0, max_tokens=spec["decode_tokens"], ignore_eos=True)
     engine.add_request("single", [rng.randrange(100, vocab - 100) for _ in range(32)], params)
     engine.step()
-    start = time.perf_counter()
+    step_seconds = []
     while engine.has_unfinished_requests():
+        start = time.perf_counter()
         engine.step()
-    decode_tps = (spec["decode_tokens"] - 1) / (time.perf_counter() - start)
+        step_seconds.append(time.perf_counter() - start)
+    decode_tps = 1 / statistics.median(step_seconds)
 
     prompts = [[rng.randrange(100, vocab - 100) for _ in range(64)] for _ in range(spec["num_batch"])]
     params = SamplingParams(temperature=0.0, max_tokens=spec["batch_tokens"], ignore_eos=True)

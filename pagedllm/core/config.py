@@ -79,6 +79,8 @@ class ServerConfig:
     uvicorn_log_level: str = _opt("info", "Log level of uvicorn (the HTTP server): critical, error, warning, info, debug, trace.")
     max_log_len: int = _opt(0, "Characters of each prompt shown in its request log line (0: none).")
     shutdown_timeout: float = _opt(10.0, "Seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted.")
+    enable_auto_tool_choice: bool = _opt(False, "Let chat requests with tools use tool_choice 'auto': the model decides, and --tool-call-parser reads its calls.")
+    tool_call_parser: str | None = _opt(None, "Tool parser plugin reading tool calls from model output (hermes, llama3_json, mistral, pythonic); needed by --enable-auto-tool-choice.")
 
 
 @dataclass

@@ -253,7 +253,13 @@ class LLMEngine:
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
-        stop_str = request.extra["detokenizer"].append([token_id])
+        stop_token = request.num_output_tokens >= params.min_tokens and (
+            (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids)
+        # A stop token (EOS or stop_token_ids) ends the text without joining it, as in vLLM, even
+        # with skip_special_tokens=False (which tool parsing uses to see call markers).
+        stop_str = None
+        if not stop_token or params.include_stop_str_in_output:
+            stop_str = request.extra["detokenizer"].append([token_id])
         reason: str | None = None
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:

@@ -6,6 +6,8 @@ structured output and tool calling extend those methods.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -13,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.tool_choice import tool_choice_structured_outputs
 
 #: Most top log-probabilities a request may ask for per token (vLLM's default limit).
 MAX_LOGPROBS = 20
@@ -25,10 +28,6 @@ class RequestError(Exception):
                  type: str = "invalid_request_error", code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
-
-
-def not_supported(feature: str, param: str) -> RequestError:
-    return RequestError(f"{feature} is not supported yet by this server", param=param, code="not_supported")
 
 
 def random_id(prefix: str) -> str:
@@ -94,23 +93,50 @@ class _SamplingRequest(OpenAIModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     #: Name tokens in logprobs "token_id:<id>" (distinct even where texts are not, e.g. partial UTF-8).
     return_tokens_as_token_ids: bool = False
-    # Structured output: accepted by the schema, implemented in its own issue.
+    # Structured output (guided decoding): OpenAI's response_format, vLLM's guided_* and structured_outputs.
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     structured_outputs: dict[str, Any] | None = None
 
-    def _check_unsupported(self) -> None:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise not_supported(f"response_format type '{self.response_format.type}'", "response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-            if getattr(self, name) is not None:
-                raise not_supported("guided decoding", name)
+    def _structured_outputs(self) -> tuple[str, dict[str, Any]] | None:
+        """(request field, StructuredOutputsParams fields) of the one constraint asked for, if any."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema":
+            schema = (rf.json_schema or {}).get("schema")
+            if schema is None:
+                raise RequestError("response_format of type json_schema needs json_schema.schema",
+                                   param="response_format.json_schema.schema")
+            found.append(("response_format", {"json": schema}))
+        elif rf is not None and rf.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "structural_tag":
+            found.append(("response_format", {"structural_tag": rf.model_dump(exclude_none=True)}))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append((f"guided_{kind}", {kind: value}))
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs", dict(self.structured_outputs)))
+        if len(found) > 1:
+            raise RequestError(f"give one structured-output constraint, got {' and '.join(f for f, _ in found)}",
+                               param=found[1][0])
+        if not found:
+            return None
+        field, spec = found[0]
+        if self.guided_decoding_backend is not None:
+            spec.setdefault("backend", self.guided_decoding_backend)
+        return field, spec
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-        self._check_unsupported()
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                         constraint: tuple[str, dict[str, Any]] | None = None,
+                         skip_special_tokens: bool | None = None) -> SamplingParams:
+        """``constraint``: (field, spec) of a structured output the caller imposes instead of the request's."""
+        constraint = constraint or self._structured_outputs()
         logit_bias = None
         if self.logit_bias:
             try:
@@ -135,16 +161,25 @@ class _SamplingRequest(OpenAIModel):
                 min_tokens=self.min_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                skip_special_tokens=self.skip_special_tokens,
+                skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logit_bias=logit_bias,
                 bad_words=self.bad_words,
                 allowed_token_ids=self.allowed_token_ids,
+                structured_outputs=constraint[1] if constraint else None,
             )
         except ValueError as exc:  # "SamplingParams.<field> ...": name the request field
-            field = str(exc).removeprefix("SamplingParams.").split(" ", 1)[0]
-            raise RequestError(str(exc).removeprefix("SamplingParams."), param=field) from None
+            message = str(exc).removeprefix("SamplingParams.")
+            if message.startswith("structured_outputs") and constraint:
+                raise RequestError(f"{constraint[0]}: {message}", param=constraint[0]) from None
+            raise RequestError(message, param=message.split(" ", 1)[0]) from None
+
+    @property
+    def constraint_field(self) -> str | None:
+        """The request field a constraint's compile error is about (for the 400 add_request may give)."""
+        found = self._structured_outputs()
+        return found[0] if found else None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -176,8 +211,14 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None
 
     def to_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: text parts joined into one string."""
+        """The message as chat templates read it: text parts joined into one string, and tool-call
+        arguments as objects (OpenAI sends JSON text; templates such as Hermes' and Llama's print them)."""
         message = self.model_dump(exclude_none=True)
+        for call in message.get("tool_calls", []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                with contextlib.suppress(ValueError):
+                    function["arguments"] = json.loads(function["arguments"])
         if isinstance(self.content, list):
             texts = []
             for part in self.content:
@@ -201,7 +242,6 @@ class ChatCompletionRequest(_SamplingRequest):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Tool calling: accepted by the schema, implemented in its own issue.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -214,16 +254,44 @@ class ChatCompletionRequest(_SamplingRequest):
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """This request's SamplingParams; ``max_tokens`` is the checked budget for its prompt."""
-        if self.tools and self.tool_choice != "none":
-            raise not_supported("tool calling", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise not_supported("tool calling", "tool_choice")
+    @property
+    def effective_tool_choice(self) -> str | dict[str, Any]:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def forced_tool_calls(self) -> dict[str, Any] | None:
+        """The constraint of tool_choice "required" or a named function (None for auto and none)."""
+        try:
+            spec = tool_choice_structured_outputs(self.tools, self.effective_tool_choice,
+                                                  self.parallel_tool_calls is not False)
+        except ValueError as exc:
+            raise RequestError(str(exc), param="tool_choice" if self.tools else "tools") from None
+        return None if spec is None else {"json": spec.json}
+
+    @property
+    def constraint_field(self) -> str | None:
+        return "tool_choice" if self.forced_tool_calls() is not None else super().constraint_field
+
+    def to_sampling_params(self, max_tokens: int, parse_tool_calls: bool = False) -> SamplingParams:
+        """This request's SamplingParams; ``max_tokens`` is the checked budget for its prompt.
+
+        ``parse_tool_calls``: a tool parser reads the output, so special tokens (call
+        markers such as ``[TOOL_CALLS]``) stay in the text unless the request says otherwise.
+        """
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+        forced = self.forced_tool_calls()
+        if forced is not None and self._structured_outputs() is not None:
+            raise RequestError(f"tool_choice {self.effective_tool_choice!r} cannot be combined with "
+                               f"{self._structured_outputs()[0]}", param="tool_choice")
+        skip_special_tokens = None
+        if parse_tool_calls and "skip_special_tokens" not in self.model_fields_set:
+            skip_special_tokens = False
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs,
+                                     ("tool_choice", forced) if forced else None, skip_special_tokens)
 
 
 class TokenizeRequest(OpenAIModel):
@@ -295,6 +363,7 @@ class ChatChoiceLogProbs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -320,6 +389,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):

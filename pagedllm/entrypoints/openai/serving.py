@@ -132,8 +132,12 @@ class OpenAIServing:
     def chat_prompt(
         self, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
         chat_template: str | None, chat_template_kwargs: dict[str, Any] | None, add_special_tokens: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> EnginePrompt:
-        """Render a conversation with the model's chat template (or the request's) and tokenize it."""
+        """Render a conversation with the model's chat template (or the request's) and tokenize it.
+
+        ``tools`` (OpenAI's tool list) go to the template, which shows them to the model.
+        """
         import jinja2
 
         if continue_final_message and add_generation_prompt:
@@ -146,7 +150,7 @@ class OpenAIServing:
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template=chat_template,
+                continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
                 **(chat_template_kwargs or {}),
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -157,16 +161,22 @@ class OpenAIServing:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def start(self, request_ids: list[str], prompts: list[EnginePrompt],
-                    params: list[SamplingParams]) -> list[RequestStream]:
-        """Add one engine request per prompt; if one is refused, abort the others and raise."""
+    async def start(self, request_ids: list[str], prompts: list[EnginePrompt], params: list[SamplingParams],
+                    constraint_field: str | None = None) -> list[RequestStream]:
+        """Add one engine request per prompt; if one is refused, abort the others and raise.
+
+        The engine refuses a structured-output constraint that cannot compile: the 400
+        names ``constraint_field``, the request field it came from.
+        """
         streams: list[RequestStream] = []
         try:
             for request_id, prompt, p in zip(request_ids, prompts, params):
                 streams.append(await self.engine.add_request(request_id, prompt.token_ids, p))
-        except BaseException:
+        except BaseException as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
+            if isinstance(exc, ValueError) and constraint_field and p.structured_outputs is not None:
+                raise RequestError(f"{constraint_field}: {exc}", param=constraint_field) from None
             raise
         return streams
 
@@ -272,6 +282,11 @@ def prompt_logprobs_json(prompt_logprobs: list[PositionLogprobs | None] | None) 
         }
         for position in prompt_logprobs
     ]
+
+
+def engine_error(output: RequestOutput, param: str | None) -> RequestError:
+    """The error of a request the engine ended after accepting it (a constraint that failed to compile)."""
+    return RequestError(output.extra["error"], param=param)
 
 
 def stream_error(exc: Exception) -> str:

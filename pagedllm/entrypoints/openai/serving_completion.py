@@ -22,6 +22,7 @@ from pagedllm.entrypoints.openai.serving import (
     EnginePrompt,
     EventStream,
     OpenAIServing,
+    engine_error,
     logprob_value,
     merge,
     prompt_logprobs_json,
@@ -88,7 +89,7 @@ class CompletionServing:
         ]
         request_id = random_id("cmpl")
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
-        streams = await s.start(ids, prompts, params)
+        streams = await s.start(ids, prompts, params, request.constraint_field)
         outputs = [s.follow(stream, prompt) for stream, prompt in zip(streams, prompts)]
         if request.stream:
             return EventStream(self._stream(request, request_id, prompts, outputs), ids)
@@ -115,6 +116,8 @@ class CompletionServing:
         choices = []
         for i, (prompt, output) in enumerate(zip(prompts, finals)):
             assert output is not None and output.finished
+            if "error" in output.extra:
+                raise engine_error(output, request.constraint_field)
             for completion in output.outputs:
                 prefix = self.serving.prompt_text(prompt) if request.echo else ""
                 choices.append(CompletionChoice(
@@ -141,6 +144,8 @@ class CompletionServing:
         try:
             async with aclosing(merge(outputs)) as merged:
                 async for i, output in merged:
+                    if "error" in output.extra:
+                        raise engine_error(output, request.constraint_field)
                     prompt = prompts[i]
                     for completion in output.outputs:
                         index = i * request.n + completion.index
