@@ -17,15 +17,18 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from test_server import assert_error, running_server
 
 from pagedllm.core.async_engine import AsyncLLMEngine
-from pagedllm.core.parsers import DeltaFunctionCall, DeltaMessage, DeltaToolCall, accumulate_deltas
+from pagedllm.core.parsers import DeltaMessage, accumulate_deltas
 from pagedllm.entrypoints.openai.api_server import build_app
 from pagedllm.entrypoints.openai.message_parser import MessageParser
 from pagedllm.plugins.parsers.hermes import HermesToolParser
-from pagedllm.plugins.parsers.reasoning import DeepSeekR1ReasoningParser, Qwen3ReasoningParser
+from pagedllm.plugins.parsers.reasoning import (
+    DeepSeekR1ReasoningParser,
+    Qwen3ReasoningParser,
+)
 from pagedllm.testing.tiny import make_tiny_model
-from test_server import assert_error, running_server
 
 MAX_MODEL_LEN = 256
 #: Free JSON strings are avoided: xgrammar's JSON grammar lets a random model write UTF-8-encoded
@@ -240,7 +243,7 @@ def test_regex_choice_and_grammar_in_chat(client):
             texts = [c.message.content for c in chat(client, n=2, seed=10, extra_body={"guided_grammar": grammar}).choices]
         for text in texts:
             assert re.fullmatch(r"[1-9][0-9]{0,2}([+*][1-9][0-9]{0,2}){0,3}", text), text
-            eval(text)  # noqa: S307 (digits and + * only, checked above): the expression parses
+            eval(text)  # digits and + * only (checked above): the expression parses
 
 
 def test_stop_strings_cut_guided_output(client):
@@ -405,10 +408,10 @@ def test_free_output_with_parsers_returns_the_fields(parsing_client):
 # -- the message assembly, with scripted text ------------------------------------------------------------
 
 SCRIPTS = [
-    ("qwen3", "<think>Paris is in France.</think>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": "
-              "{\"city\": \"Paris\", \"unit\": \"celsius\"}}</tool_call>"),
-    ("qwen3", "No thinking, just <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}</tool_call>"
-              "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 3, \"b\": 4}}</tool_call>"),
+    ("qwen3", ('<think>Paris is in France.</think>\n<tool_call>{"name": "get_weather", "arguments": '
+              '{"city": "Paris", "unit": "celsius"}}</tool_call>')),
+    ("qwen3", ('No thinking, just <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+              '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')),
     ("qwen3", "<think>still thinking <tool_call>"),
     ("deepseek_r1", "reasoning without an opening tag</think>The answer <tool_call>{\"name\": f}</tool_call>"),
     ("deepseek_r1", "<think>é 🙂</think>Plain answer, ünïcode."),
@@ -448,7 +451,6 @@ def test_message_parser_splits_reasoning_and_calls():
     assert MessageParser().parse("as is").content == "as is"
     delta = MessageParser().feed("abc", finished=False)
     assert delta == DeltaMessage(content="abc")
-    assert DeltaMessage(tool_calls=[DeltaToolCall(0, DeltaFunctionCall("f", "{}"), id="call_x", type="function")]).to_dict()
 
 
 # -- server start-up ---------------------------------------------------------------------------------------

@@ -249,7 +249,11 @@ def run_server(options: dict[str, Any]) -> int:
     if not server_config.api_key and os.environ.get("PAGEDLLM_API_KEY"):
         server_config.api_key = os.environ["PAGEDLLM_API_KEY"]
     engine = AsyncLLMEngine(LLMEngine(config))
-    app = build_app(engine, server_config)
+    try:
+        app = build_app(engine, server_config)  # an unknown tool parser fails here
+    except BaseException:
+        engine.shutdown()
+        raise
     log_banner(engine, server_config)
     server = uvicorn.Server(uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level.lower(),
