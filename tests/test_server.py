@@ -474,11 +474,11 @@ def test_streaming_client_disconnect_aborts_its_request(http, client):
 def test_non_streaming_client_disconnect_aborts_its_request(base_url, http, client):
     wait_for(lambda: engine_idle(http), "an idle engine")
     finished_before = _num_finished(http)
-    prompts = ["a b c d"] * 16  # long enough that the client's timeout comes first
+    prompts = ["a b c d"] * 64  # far more work than fits in the client's timeout, even on an idle machine
     body = {"model": "tiny", "prompt": prompts, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                   timeout=httpx.Timeout(60, read=0.5))
+                   timeout=httpx.Timeout(60, read=0.3))
     wait_for(lambda: engine_idle(http), "the abandoned requests to be aborted")
     assert _num_finished(http) == finished_before
     assert client.completions.create(model="tiny", prompt="next", max_tokens=3).choices[0].finish_reason
