@@ -45,6 +45,7 @@ class ModelRunner:
         self.kv_caches = torch.zeros(spec.num_layers, *shape, dtype=dtype, device=device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_caches[i]
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
@@ -56,62 +57,102 @@ class ModelRunner:
         input_ids, positions, metadata, sample_rows, prompt_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden_size]
 
-        sampling_requests = [batch.requests[i] for i in sample_rows]
-        sample_index = [metadata.query_start_loc_list[i + 1] - 1 for i in sample_rows]
-        logits = self.model.compute_logits(hidden[sample_index])
+        starts = metadata.query_start_loc_list
+        if len(sample_rows) == len(starts) - 1 == starts[-1]:
+            sampling_requests, sample_hidden = batch.requests, hidden  # all decodes: every row samples
+        else:
+            sampling_requests = [batch.requests[i] for i in sample_rows]
+            sample_hidden = hidden[[starts[i + 1] - 1 for i in sample_rows]]
+        logits = self.model.compute_logits(sample_hidden)
         prompt_logits = {}
         for req_id, (start, end, targets, first_pos) in prompt_rows.items():
             prompt_logits[req_id] = (self.model.compute_logits(hidden[start:end]), targets, first_pos)
         return ModelOutput(sampling_requests, logits, prompt_logits)
 
     def _prepare(self, batch: ScheduledBatch):
+        """The step's flat tensors: token ids, positions and the attention metadata.
+
+        Plain Python for single-token steps (most of a batch), numpy for prefill chunks; the
+        results land in persistent buffers rather than new tensors.
+        """
         bs = self.block_size
-        ids: list[list[int]] = []
-        pos: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[tuple[int, int, list[int]]] = []  # prefill chunks: (start, end, block table)
         seq_lens: list[int] = []
         starts = [0]
         tables = [self.kv_cache.block_table(r.req_id) for r in batch.requests]
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
-        for i, (request, num) in enumerate(zip(batch.requests, batch.num_scheduled_tokens)):
+        for i, (request, num, table) in enumerate(zip(batch.requests, batch.num_scheduled_tokens, tables)):
             start = request.num_computed_tokens
             end = start + num
-            tokens = request.all_token_ids
-            ids.append(tokens[start:end])
-            p = np.arange(start, end)
-            table = np.asarray(tables[i])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
+            prompt_ids, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
+            if num == 1:
+                if chunks:
+                    raise ValueError("the batch must list single-token steps before prefill chunks")
+                ids.append(prompt_ids[start] if start < num_prompt else request.output_token_ids[start - num_prompt])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(prompt_ids[start:end] if end <= num_prompt else request.all_token_ids[start:end])
+                chunks.append((start, end, table))
             seq_lens.append(end)
-            if end >= request.num_tokens:
+            if end >= num_prompt + request.num_output_tokens:
                 sample_rows.append(i)
             # Prompt logprobs: logits at prompt positions predict the next prompt token.
-            num_wanted = request.sampling_params.prompt_logprobs
-            if num_wanted is not None and request.num_output_tokens == 0:
-                last = min(end, request.num_prompt_tokens - 1)
+            if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
+                last = min(end, num_prompt - 1)
                 if last > start:
-                    prompt_rows[request.req_id] = (starts[-1], starts[-1] + last - start, tokens[start + 1 : last + 1], start + 1)
+                    prompt_rows[request.req_id] = (starts[-1], starts[-1] + last - start, prompt_ids[start + 1 : last + 1], start + 1)
             starts.append(starts[-1] + num)
 
+        num_tokens, num_reqs = starts[-1], len(tables)
         max_blocks = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), max_blocks), dtype=np.int64)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
+        block_tables = self._buffer("block_tables", num_reqs * max_blocks).view(num_reqs, max_blocks)
+        rows = block_tables.numpy()
+        rows.fill(0)
+        for row, table in zip(rows, tables):
+            row[: len(table)] = table
+        position_buf, slot_buf = self._buffer("positions", num_tokens), self._buffer("slots", num_tokens)
+        position_np, slot_np = position_buf.numpy(), slot_buf.numpy()
+        num_single = len(positions)  # single-token steps come first (the scheduler orders them so)
+        position_np[:num_single] = positions
+        slot_np[:num_single] = slots
+        offset = num_single
+        for start, end, table in chunks:
+            p = np.arange(start, end)
+            position_np[offset : offset + end - start] = p
+            slot_np[offset : offset + end - start] = np.asarray(table)[p // bs] * bs + p % bs
+            offset += end - start
+        input_ids = self._buffer("input_ids", num_tokens)
+        input_ids.numpy()[:] = ids
+        seq_len_buf, start_buf = self._buffer("seq_lens", num_reqs), self._buffer("starts", num_reqs + 1)
+        seq_len_buf.numpy()[:] = seq_lens
+        start_buf.numpy()[:] = starts
         dev = self.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            query_start_loc=torch.tensor(starts, device=dev),
-            num_decodes=batch.num_decodes,
+            slot_mapping=slot_buf.to(dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=seq_len_buf.to(dev),
+            query_start_loc=start_buf.to(dev),
+            num_decodes=num_single,
             block_size=bs,
             seq_lens_list=seq_lens,
             query_start_loc_list=starts,
         )
-        input_ids = torch.tensor([t for chunk in ids for t in chunk], dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos)).to(dev)
-        return input_ids, positions, metadata, sample_rows, prompt_rows
+        return input_ids.to(dev), position_buf.to(dev), metadata, sample_rows, prompt_rows
+
+    def _buffer(self, name: str, size: int) -> torch.Tensor:
+        """The first ``size`` elements of a persistent int64 CPU buffer (grown as needed).
+
+        Safe to reuse every step: a step's tensors are dead once ``execute`` returns.
+        """
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self._buffers[name] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
+        return buf[:size]
 
 
 def _kv_cache_shape(backend, num_blocks: int, block_size: int, spec: KVCacheSpec) -> tuple[int, ...]:

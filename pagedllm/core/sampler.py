@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pagedllm.core.layers.fused import argmax
 from pagedllm.core.request import Logprob, PositionLogprobs, Request
 from pagedllm.core.sampling_params import SamplingParams
 
@@ -140,7 +141,7 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=self._logprobs(logits, token_ids, requests))
 
     def _choose(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
-        token_ids = logits.argmax(dim=-1)  # [num_reqs]
+        token_ids = argmax(logits)  # [num_reqs]
         if state.all_greedy:
             return token_ids
 
