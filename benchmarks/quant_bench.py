@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 PATHS = {
-    "float32": dict(quantization="none"),
-    "bfloat16": dict(quantization="none", dtype="bfloat16"),
-    "int8": dict(),  # model: the Q8_0 file
-    "int4": dict(),
-    "int4 int4pack": dict(quantization_kernel="int4pack"),
+    "float32": {"quantization": "none"},
+    "bfloat16": {"quantization": "none", "dtype": "bfloat16"},
+    "int8": {},  # model: the Q8_0 file
+    "int4": {},
+    "int4 int4pack": {"quantization_kernel": "int4pack"},
 }
 
 
@@ -100,14 +100,12 @@ def worker(spec: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=spec["decode_tokens"], ignore_eos=True)
     engine.add_request("single", [rng.randrange(100, vocab - 100) for _ in range(32)], params)
     engine.step()
-    step_seconds, step_cpu_seconds = [], []
+    step_seconds = []
     while engine.has_unfinished_requests():
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         engine.step()
         step_seconds.append(time.perf_counter() - start)
-        step_cpu_seconds.append(time.process_time() - start_cpu)
     decode_tps = 1 / statistics.median(step_seconds)
-    decode_cpu_tps = 1 / statistics.median(step_cpu_seconds)
 
     prompts = [[rng.randrange(100, vocab - 100) for _ in range(64)] for _ in range(spec["num_batch"])]
     params = SamplingParams(temperature=0.0, max_tokens=spec["batch_tokens"], ignore_eos=True)
@@ -119,7 +117,7 @@ def worker(spec: dict) -> dict:
     return {
         "kernel": "-" if method is None else method.kernel, "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "load_s": load_seconds, "decode_tps": decode_tps,
-        "decode_cpu_tps": decode_cpu_tps, "batch_tps": batch_tps, "rss_mib": rss_end, "hwm_mib": hwm, "model_mib": rss_loaded - rss_before,
+        "batch_tps": batch_tps, "rss_mib": rss_end, "hwm_mib": hwm, "model_mib": rss_loaded - rss_before,
     }  # fmt: skip
 
 
@@ -158,18 +156,19 @@ def main() -> None:
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{path}: {run}", file=sys.stderr)
                 best = results.setdefault(path, run)
-                for key in ("decode_tps", "decode_cpu_tps", "batch_tps"):
+                for key in ("decode_tps", "batch_tps"):
                     best[key] = max(best[key], run[key])
 
     base = results.get("float32")
-    header = (f"{'path':<14} {'kernel':<9} {'dtype':<9} {'decode tok/s':>12} {'x fp32':>7} {'(CPU time)':>10} "
-              f"{'x fp32':>7} {'batch tok/s':>12} "
+    header = (f"{'path':<14} {'kernel':<9} {'dtype':<9} {'decode tok/s':>12} {'x fp32':>7} {'batch tok/s':>12} "
               f"{'x fp32':>7} {'RSS MiB':>8} {'x fp32':>7} {'model MiB':>10} {'load s':>7}")  # fmt: skip
     print(header)
     for path, r in results.items():
-        ratio = (lambda key: f"{r[key] / base[key]:.2f}") if base else (lambda key: "-")
+
+        def ratio(key: str, r: dict = r) -> str:
+            return f"{r[key] / base[key]:.2f}" if base else "-"
+
         print(f"{path:<14} {r['kernel']:<9} {r['dtype']:<9} {r['decode_tps']:>12.1f} {ratio('decode_tps'):>7} "
-              f"{r['decode_cpu_tps']:>10.1f} {ratio('decode_cpu_tps'):>7} "
               f"{r['batch_tps']:>12.1f} {ratio('batch_tps'):>7} {r['rss_mib']:>8.0f} {ratio('rss_mib'):>7} "
               f"{r['model_mib']:>10.0f} {r['load_s']:>7.1f}")  # fmt: skip
     print(f"single stream: {args.decode_tokens} tokens after a 32-token prompt; batched: {args.num_batch} requests x "

@@ -191,7 +191,7 @@ def test_embedded_model_runs_natively_with_the_dequantized_path_greedy_tokens():
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                "The three primary colors are", "In machine learning, overfitting means"]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    options = dict(max_num_batched_tokens=64, max_model_len=512, kv_cache_memory="64MiB")
+    options = {"max_num_batched_tokens": 64, "max_model_len": 512, "kv_cache_memory": "64MiB"}
     native = LLM(**options)
     assert native.engine.quant_method.name == "gguf" and native.engine.quant_method.kernel == "auto"
     assert [n for n, _ in native.engine.model.named_parameters() if "proj" in n or "embed" in n] == []

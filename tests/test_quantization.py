@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from typing import ClassVar
 
 import pytest
 import torch
@@ -16,7 +17,12 @@ from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.hookspecs import hookimpl
 from pagedllm.core.loader import load_model_source
-from pagedllm.core.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod, resolve_quantization
+from pagedllm.core.quantization import (
+    LinearMethod,
+    QuantizationMethod,
+    UnquantizedLinearMethod,
+    resolve_quantization,
+)
 from pagedllm.testing.plugin import make_plugin_manager
 from pagedllm.testing.tiny import make_tiny_model
 
@@ -48,7 +54,7 @@ class ToyInt8LinearMethod(LinearMethod):
 class ToyInt8Method(QuantizationMethod):
     name = "toy-int8"
     kernels = ("dequant",)
-    prefixes: list[str] = []
+    prefixes: ClassVar[list[str]] = []  # every prefix asked for, across instances
 
     @classmethod
     def from_config(cls, quant_config, hf_config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedllm.core.config import SchedulerConfig
@@ -111,7 +112,7 @@ class Scheduler:
                 i += 1
                 continue
             while True:
-                copies = self.kv_cache.allocate_slots(request.req_id, request.all_token_ids, request.num_computed_tokens, num_new)
+                copies = self.kv_cache.allocate_slots(request.req_id, _TokenIds(request), request.num_computed_tokens, num_new)
                 if copies is not None:
                     break
                 victim = self.running[-1]
@@ -202,3 +203,26 @@ class Scheduler:
             if request.num_computed_tokens >= request.num_tokens:
                 sampling.append(request)
         return sampling
+
+
+class _TokenIds(Sequence[int]):
+    """A request's prompt + output token ids, read in place: the KV-cache manager only takes
+    the length and slices of full blocks, so running requests need not copy theirs every step."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, request: Request) -> None:
+        self.prompt, self.output = request.prompt_token_ids, request.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.step is None:
+            num_prompt = len(self.prompt)
+            start, stop = index.start or 0, len(self) if index.stop is None else index.stop
+            if 0 <= start and stop <= num_prompt:
+                return self.prompt[start:stop]
+            if num_prompt <= start and 0 <= stop:
+                return self.output[start - num_prompt : stop - num_prompt]
+        return (self.prompt + self.output)[index]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.core.quantization import LinearMethod, QuantizationMethod, UnquantizedLinearMethod
+from pagedllm.core.quantization import (
+    LinearMethod,
+    QuantizationMethod,
+    UnquantizedLinearMethod,
+)
 
 
 class Linear(nn.Module):

@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pagedllm.core.quantization import LinearMethod, QuantizationMethod
-from pagedllm.plugins.quantization.gguf_dequant import DEQUANTIZERS, dequantize, int4_groups
+from pagedllm.plugins.quantization.gguf_dequant import (
+    DEQUANTIZERS,
+    dequantize,
+    int4_groups,
+)
 
 GGML = GGMLQuantizationType
 FLOAT_TYPES = {GGML.F32: torch.float32, GGML.F16: torch.float16, GGML.BF16: torch.bfloat16}

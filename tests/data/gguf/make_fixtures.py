@@ -30,8 +30,9 @@ import numpy as np
 
 HERE = Path(__file__).parent
 PROMPT = [1, 45, 300, 7, 99, 250, 3, 511]  # token ids: the tests feed the same ones
-CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
+CONFIG = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+          "tie_word_embeddings": False}  # fmt: skip
 MIXED_TYPES = {
     "token_embd.weight": "Q4_K", "output.weight": "Q6_K",
     "blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q5_0",
@@ -93,22 +94,29 @@ def write_gguf(path: Path, state: dict, tokenizer, types: dict[str, str] | None)
     c = CONFIG
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-random-llama")
-    w.add_block_count(c["num_hidden_layers"]); w.add_context_length(c["max_position_embeddings"])  # noqa: E702
-    w.add_embedding_length(c["hidden_size"]); w.add_feed_forward_length(c["intermediate_size"])  # noqa: E702
-    w.add_head_count(c["num_attention_heads"]); w.add_head_count_kv(c["num_key_value_heads"])  # noqa: E702
-    w.add_rope_freq_base(10000.0); w.add_layer_norm_rms_eps(1e-6); w.add_vocab_size(c["vocab_size"])  # noqa: E702
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(c["vocab_size"])
     w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
     w.add_file_type(0)
     vocab = tokenizer.get_vocab()
     inverse = {i: s for s, i in vocab.items()}
     special = set(tokenizer.all_special_ids)
-    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default")  # noqa: E702
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
     w.add_token_list([inverse.get(i, f"[PAD{i}]") for i in range(c["vocab_size"])])
     w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i in inverse
                        else gguf.TokenType.UNUSED for i in range(c["vocab_size"])])  # fmt: skip
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_bos_token_id(0); w.add_eos_token_id(1)  # noqa: E702
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
 
     def add(name: str, array: np.ndarray) -> None:
         type_name = (types or {}).get(name, "F32")
@@ -125,7 +133,10 @@ def write_gguf(path: Path, state: dict, tokenizer, types: dict[str, str] | None)
         for hf, name in HF_TO_GGUF.items():
             array = state[f"model.layers.{i}.{hf}.weight"]
             add(f"blk.{i}.{name}.weight", permute(array, heads[hf]) if hf in heads else array)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()  # noqa: E702
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path
 
 
