@@ -1,6 +1,8 @@
-"""End to end on the real embedded model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32).
+"""End to end on the real embedded model: SmolLM2-135M-Instruct (Q4_1 GGUF).
 
-transformers loading the same GGUF file is the reference.
+pagedllm runs it natively (weights stay Q4_1 in memory; the default ``blocks`` kernel
+computes with float32 activations); transformers loading the same GGUF file, which it
+dequantizes to float32, is the reference.
 """
 
 from __future__ import annotations
