@@ -114,7 +114,8 @@ def main() -> None:
 
     from pagedllm import LLM
 
-    llm = LLM(args.model, dtype="float32", quantization="none", max_num_seqs=args.num_requests,
+    # No prefix caching: every round repeats the same prompts, and W1 measures computing them.
+    llm = LLM(args.model, dtype="float32", quantization="none", max_num_seqs=args.num_requests, enable_prefix_caching=False,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_prompt + args.output_len + 16)
     prompts = make_workload(args.num_requests, args.min_prompt, args.max_prompt, llm.engine.vocab_size, args.seed)
     total_out = args.num_requests * args.output_len

@@ -32,6 +32,10 @@ class ModelConfig:
     served_model_name: list[str] | None = _opt(None, "Name(s) the server accepts for the model; the first is the one reported. Default: the model path.")
 
 
+#: Values of the kv_cache_dtype option.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = _opt(16, "Tokens per KV-cache block.")
@@ -39,6 +43,7 @@ class CacheConfig:
     kv_cache_memory: str | None = _opt(None, "KV-cache memory budget, e.g. '2GiB' or '512MB'.")
     kv_cache_memory_fraction: float = _opt(0.1, "KV-cache budget as a fraction of available memory (after loading the model), when no size is given.")
     enable_prefix_caching: bool = _opt(True, "Reuse cached KV blocks of identical prompt prefixes.")
+    kv_cache_dtype: str = _opt("auto", "KV-cache element type: auto (the compute dtype), fp8 (= fp8_e4m3), fp8_e4m3 or fp8_e5m2. fp8 stores keys and values with per-tensor scales (the checkpoint's k_scale / v_scale, else computed from the first batch): half the memory of a 16-bit cache, a quarter of float32.")
 
 
 @dataclass
@@ -135,6 +140,7 @@ class EngineConfig:
         check(0.0 < c.kv_cache_memory_fraction <= 1.0, "kv_cache_memory_fraction", "must be in (0, 1]")
         if c.kv_cache_memory is not None:
             parse_size(c.kv_cache_memory)
+        check(c.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         check(s.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         check(s.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         check(self.model_config.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto, float32, bfloat16 or float16")

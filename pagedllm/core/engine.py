@@ -72,6 +72,7 @@ class LLMEngine:
             backend_name = "cpu" if self.device.type == "cpu" else "torch"
         self.attention_backend = backend_name
         backend_cls = self.plugins.load("attention_backend", backend_name)
+        self.kv_cache_dtype = _resolve_kv_cache_dtype(cc.kv_cache_dtype, self.dtype, backend_name, backend_cls)
         self.quant_method = resolve_quantization(self.source, mc.quantization, mc.quantization_kernel, self.plugins, self.device)
         ctx = ModelContext(self.dtype, self.device, backend_cls, self.max_model_len, self.quant_method)
         default_dtype = torch.get_default_dtype()
@@ -89,7 +90,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(spec)
         self.kv_cache = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, spec, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, spec, self.kv_cache_dtype, self.device)
         self.sampler = Sampler(self._logits_processors() + [GuidedMaskStage()], self.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, self.source.path)
         self.structured_outputs = StructuredOutputs(
@@ -97,9 +98,9 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         torch.manual_seed(mc.seed)  # requests without a seed draw from the global generator
         logger.info(
-            "pagedllm engine: model=%s arch=%s dtype=%s device=%s kv_blocks=%d x %d tokens backend=%s",
+            "pagedllm engine: model=%s arch=%s dtype=%s device=%s kv_blocks=%d x %d tokens (%s) backend=%s",
             self.source.path, architectures[0], self.dtype, self.device, num_blocks, cc.block_size,
-            backend_name,
+            self.kv_cache_dtype, backend_name,
         )
 
     # -- set-up helpers -----------------------------------------------------------
@@ -111,7 +112,7 @@ class LLMEngine:
             num_blocks = cc.num_kv_blocks
         else:
             budget = parse_size(cc.kv_cache_memory) if cc.kv_cache_memory else int(_available_memory(self.device) * cc.kv_cache_memory_fraction)
-            num_blocks = budget // spec.bytes_per_block(cc.block_size, self.dtype)
+            num_blocks = budget // spec.bytes_per_block(cc.block_size, self.kv_cache_dtype)
         if num_blocks < need:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {cc.block_size} tokens, fewer than one request of "
@@ -338,6 +339,22 @@ def _resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtyp
         # CPUs without bf16/fp16 matmul units (AVX2 only) run 16-bit far slower than fp32.
         return torch.float32
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+_KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend_name: str, backend_cls: type) -> torch.dtype:
+    """The cache's element type; an fp8 cache needs a backend that declares it (``kv_cache_dtypes``)."""
+    if name == "auto":
+        return dtype
+    supported = getattr(backend_cls, "kv_cache_dtypes", ())
+    if name not in supported:
+        raise ValueError(
+            f"kv_cache_dtype={name!r}: attention backend {backend_name!r} does not support it "
+            f"(it supports: {', '.join(('auto',) + tuple(supported))}); the built-in 'cpu' and 'torch' backends support fp8"
+        )
+    return _KV_CACHE_DTYPES[name]
 
 
 def _available_memory(device: torch.device) -> int:

@@ -187,7 +187,15 @@ def pagedllm_register_attention_backends(register: Register) -> None:
     step's :class:`~pagedllm.core.attention.AttentionMetadata`. It writes the new keys
     and values into the cache at ``batch.slot_mapping`` and returns
     ``[num_tokens, num_heads, head_dim]``. The engine picks one by the
-    ``attention_backend`` option.
+    ``attention_backend`` option. Optional members:
+
+    - ``kv_cache_shape(num_blocks, block_size)``: another layout of the same elements,
+      ``[2, num_blocks, ...]``;
+    - ``kv_cache_dtypes``: the ``kv_cache_dtype`` values it runs beyond ``"auto"``
+      (``("fp8", "fp8_e4m3", "fp8_e5m2")``). With an fp8 cache, ``forward`` gets the
+      keyword ``kv_scales``, a float32 ``[2]`` tensor ``(k_scale, v_scale)``: the cache
+      holds ``k / k_scale`` and ``v / v_scale``, saturated at the format's largest value.
+      An fp8 ``kv_cache_dtype`` with a backend that does not list it is a ValueError.
 
     Example::
 

@@ -31,7 +31,8 @@ class ModelOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCacheManager, spec: KVCacheSpec, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, kv_cache: KVCacheManager, spec: KVCacheSpec, kv_cache_dtype: torch.dtype,
+                 device: torch.device) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -42,7 +43,7 @@ class ModelRunner:
         # One tensor for the whole cache: [num_layers, 2, num_blocks, ...]; the attention
         # backend lays out each block (default [block_size, num_kv_heads, head_dim]).
         shape = _kv_cache_shape(layers[0].backend, kv_cache.num_blocks, self.block_size, spec)
-        self.kv_caches = torch.zeros(spec.num_layers, *shape, dtype=dtype, device=device)
+        self.kv_caches = torch.zeros(spec.num_layers, *shape, dtype=kv_cache_dtype, device=device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_caches[i]
         self._buffers: dict[str, torch.Tensor] = {}
@@ -52,7 +53,8 @@ class ModelRunner:
         if batch.block_copies:
             src = torch.tensor([s for s, _ in batch.block_copies], device=self.device)
             dst = torch.tensor([d for _, d in batch.block_copies], device=self.device)
-            self.kv_caches[:, :, dst] = self.kv_caches[:, :, src]
+            caches = self.kv_caches.view(torch.uint8) if self.kv_caches.element_size() == 1 else self.kv_caches  # fp8: copy bytes
+            caches[:, :, dst] = caches[:, :, src]
 
         input_ids, positions, metadata, sample_rows, prompt_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden_size]

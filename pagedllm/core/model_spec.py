@@ -20,7 +20,7 @@ class KVCacheSpec:
     head_dim: int
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        element_size = torch.tensor([], dtype=dtype).element_size()
+        element_size = dtype.itemsize
         return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
 
 

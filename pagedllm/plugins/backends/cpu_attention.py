@@ -27,7 +27,7 @@ def load_kernel():
         from torch.utils.cpp_extension import load
 
         load(
-            name="pagedllm_paged_attention_v3",
+            name="pagedllm_paged_attention_v4",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -41,7 +41,7 @@ def load_kernel():
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Paged attention in C++ (float32, bfloat16 or float16 cache; float32 compute).
+    """Paged attention in C++ (float32, bfloat16, float16 or fp8 cache; float32 compute).
 
     Its cache tiles one (block, kv head) contiguously, keys transposed (see the kernel
     source), so the kernel's inner loops are contiguous AXPYs. Without a C++ tool chain it
@@ -51,6 +51,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
         super().__init__(num_heads, head_dim, num_kv_heads, scale)
         self.kernel = load_kernel()
+        self._unit_scales = torch.ones(2, dtype=torch.float32)  # the kernel reads scales only for an fp8 cache
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         if self.kernel is None:
@@ -58,13 +59,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return (2, num_blocks, self.num_kv_heads, block_size * self.head_dim)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.kernel is None:
-            return super().forward(q, k, v, kv_cache, batch)
+            return super().forward(q, k, v, kv_cache, batch, kv_scales)
         if q.device.type != "cpu":
             raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, got {q.device}; use attention_backend='torch'")
         return self.kernel.paged_attention(
-            q, k, v, kv_cache, batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            q, k, v, kv_cache, self._unit_scales if kv_scales is None else kv_scales, batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             batch.num_decodes, batch.block_size, self.scale,
         )

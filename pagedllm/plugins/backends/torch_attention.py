@@ -8,13 +8,44 @@ import torch.nn.functional as F
 from pagedllm.core.attention import AttentionMetadata
 
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` saturated at the fp8 format's largest value, in that format."""
+    fp8_max = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
+class _CacheView:
+    """One layer's keys or values as the backend reads them: gathered blocks in the compute
+    dtype, fp8 blocks gathered as bytes (torch has no fp8 index ops on CPU) and rescaled."""
+
+    def __init__(self, cache: torch.Tensor, scale: torch.Tensor | None) -> None:
+        self.cache, self.scale = cache, scale
+        self.raw = cache if scale is None else cache.view(torch.uint8)
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        # x: [num_tokens, num_kv_heads, head_dim]
+        x = x.to(self.cache.dtype) if self.scale is None else quantize_fp8(x, self.scale, self.cache.dtype).view(torch.uint8)
+        self.raw.view(-1, *x.shape[1:]).index_copy_(0, slots, x)
+
+    def gather(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # [len(block_ids), block_size, num_kv_heads, head_dim]
+        blocks = self.raw.index_select(0, block_ids)  # index_select, not advanced indexing: several times faster on CPU
+        if self.scale is None:
+            return blocks.to(dtype)
+        return (blocks.view(self.cache.dtype).float() * self.scale).to(dtype)
+
+
 class TorchAttentionBackend:
     """Decodes run as one padded batch; each prefill chunk runs on its own.
 
     The padded decode batch reads every decode request's blocks with one gather, so the
     hot path has no per-request Python loop; prefill chunks are few per step and large,
-    so a loop over them costs little.
+    so a loop over them costs little. An fp8 cache holds ``k / k_scale`` and ``v / v_scale``
+    (``kv_scales``), saturated, converted as torch converts.
     """
+
+    #: Cache dtypes beyond the compute dtype that this backend can run (option ``kv_cache_dtype``).
+    kv_cache_dtypes = ("fp8", "fp8_e4m3", "fp8_e5m2")
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -27,15 +58,15 @@ class TorchAttentionBackend:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        # kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_keys.index_copy_(0, batch.slot_mapping, k.to(flat_keys.dtype))
-        flat_values.index_copy_(0, batch.slot_mapping, v.to(flat_values.dtype))
+        # kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; kv_scales: float32 [2] (fp8 only)
+        key_cache = _CacheView(kv_cache[0], None if kv_scales is None else kv_scales[0])
+        value_cache = _CacheView(kv_cache[1], None if kv_scales is None else kv_scales[1])
+        key_cache.write(batch.slot_mapping, k)
+        value_cache.write(batch.slot_mapping, v)
 
         out = torch.empty_like(q)
         num_decodes = batch.num_decodes
@@ -69,25 +100,24 @@ class TorchAttentionBackend:
         block_tables = batch.block_tables[: batch.num_decodes] if rows is None else batch.block_tables[rows]
         block_ids = block_tables[:, :num_blocks].reshape(-1)
         seq_lens = batch.seq_lens[: batch.num_decodes] if rows is None else batch.seq_lens[rows]
-        # index_select, not advanced indexing: several times faster on CPU.
         # [num_rows, kv_len, num_kv_heads, head_dim] -> viewed as [num_rows, num_kv_heads, kv_len, head_dim]
-        keys = key_cache.index_select(0, block_ids).view(num_rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = value_cache.index_select(0, block_ids).view(num_rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys = key_cache.gather(block_ids, q.dtype).view(num_rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = value_cache.gather(block_ids, q.dtype).view(num_rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kv_len = keys.shape[2]
         # [num_rows, 1, 1, kv_len]
         mask = (torch.arange(kv_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
         # The query heads sharing a KV head form that head's "query length": no GQA expansion.
         group = self.num_heads // self.num_kv_heads
         queries = q.view(num_rows, self.num_kv_heads, group, self.head_dim)
-        out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
         return out.reshape(num_rows, self.num_heads, self.head_dim)
 
     def _prefill(self, q, key_cache, value_cache, block_table, seq_len: int, block_size: int) -> torch.Tensor:
         query_len = q.shape[0]
         blocks = block_table[: -(-seq_len // block_size)]
         # [1, num_kv_heads, seq_len, head_dim]; 4-D inputs reach the fused CPU kernel.
-        keys = key_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None].to(q.dtype)
-        values = value_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None].to(q.dtype)
+        keys = key_cache.gather(blocks, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        values = value_cache.gather(blocks, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
         queries = q.transpose(0, 1)[None]  # [1, num_heads, query_len, head_dim]
         gqa = self.num_heads != self.num_kv_heads
         if query_len == seq_len:

@@ -9,6 +9,7 @@ from torch import nn
 
 from pagedllm.core.attention import AttentionMetadata
 from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagedllm.core.layers.attention import KV_SCALE_NAMES
 from pagedllm.core.layers.fused import silu_and_mul
 from pagedllm.core.layers.linear import find_layer
 from pagedllm.core.model_spec import KVCacheSpec, ModelContext
@@ -145,6 +146,10 @@ class LlamaForCausalLM(nn.Module):
                 if hf_part in name:
                     name, shard = name.replace(hf_part, ours), index
                     break
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in KV_SCALE_NAMES and isinstance(attn := modules.get(f"{prefix}.attn"), Attention):
+                attn.load_kv_scale(leaf, tensor)  # self_attn.k_scale / v_scale of an fp8-KV checkpoint
+                continue
             if (found := find_layer(modules, name)) is not None:
                 layer, param_name = found
                 layer.load_weight(param_name, shard, tensor)

@@ -4,8 +4,9 @@
 //
 // Arithmetic follows the torch reference op by op (float32 compute, no FMA contraction,
 // no fast-math), so results match it to float32 rounding of the row sums.
-// Registered as torch ops pagedllm_ops::* (light headers: fast to build). Loops inside the
-// dtype-dispatch macros use _Pragma: a #pragma cannot sit in a macro argument.
+// Registered as torch ops pagedllm_ops::* (light headers: fast to build). The vector loops
+// live in small noexcept row functions: inside the dtype-dispatch lambdas GCC does not
+// vectorise them.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +21,28 @@
 #include <limits>
 
 namespace {
+
+// exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
+// split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
+// polynomial. Relative error ~1e-7, like a libm expf.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  // round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike nearbyint)
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 // Rows per task: parallel only when a task has enough work (~50 us) to pay for waking a
 // thread, so decode-sized calls (tens of rows) stay on the calling thread.
@@ -60,6 +83,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+// residual += x, one row.
+template <typename T>
+inline void add_row(const T* __restrict__ x, T* __restrict__ residual, int64_t n) noexcept {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) residual[i] = static_cast<T>(static_cast<float>(residual[i]) + static_cast<float>(x[i]));
+}
+
 // residual += x; x = rms_norm(residual) * weight — both in place.
 void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   RECORD_FUNCTION("pagedllm::add_rms_norm_", std::vector<c10::IValue>({x}));
@@ -73,35 +103,21 @@ void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        scalar_t* __restrict__ xr = xp + r * ldx;
-        scalar_t* __restrict__ rr = rp + r * ldr;
-_Pragma("omp simd")
-        for (int64_t i = 0; i < n; ++i) rr[i] = static_cast<scalar_t>(static_cast<float>(rr[i]) + static_cast<float>(xr[i]));
-        norm_row(rr, wp, xr, n, static_cast<float>(eps));
+        add_row(xp + r * ldx, rp + r * ldr, n);
+        norm_row(rp + r * ldr, wp, xp + r * ldx, n, static_cast<float>(eps));
       }
     });
   });
 }
 
-// exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
-// split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
-// polynomial. Relative error ~1e-7, like a libm expf.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+template <typename T>
+inline void silu_mul_row(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t d) noexcept {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) {
+    const float g = static_cast<float>(gate[i]);
+    const T silu = static_cast<T>(g / (1.f + exp_approx(-g)));
+    out[i] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[i]));
+  }
 }
 
 // [rows, 2 * d] (gate | up) -> silu(gate) * up, [rows, d].
@@ -114,20 +130,26 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain(2 * d), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* __restrict__ gate = xp + r * ld;
-        const scalar_t* __restrict__ up = gate + d;
-        scalar_t* __restrict__ o = op + r * d;
-_Pragma("omp simd")
-        for (int64_t i = 0; i < d; ++i) {
-          const float g = static_cast<float>(gate[i]);
-          const scalar_t silu = static_cast<scalar_t>(g / (1.f + exp_approx(-g)));
-          o[i] = static_cast<scalar_t>(static_cast<float>(silu) * static_cast<float>(up[i]));
-        }
-      }
+      for (int64_t r = begin; r < end; ++r) silu_mul_row(xp + r * ld, xp + r * ld + d, op + r * d, d);
     });
   });
   return out;
+}
+
+// One head [2 * half]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); like the reference,
+// cos and sin are first rounded to x's dtype, and each product too.
+template <typename T>
+inline void rotate_head(T* __restrict__ x1, const float* __restrict__ c, const float* __restrict__ s, int64_t half) noexcept {
+  T* __restrict__ x2 = x1 + half;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float ci = static_cast<float>(static_cast<T>(c[i])), si = static_cast<float>(static_cast<T>(s[i]));
+    const float a = static_cast<float>(x1[i]), b = static_cast<float>(x2[i]);
+    const float a_cos = static_cast<float>(static_cast<T>(a * ci)), b_sin = static_cast<float>(static_cast<T>(b * si));
+    const float b_cos = static_cast<float>(static_cast<T>(b * ci)), a_sin = static_cast<float>(static_cast<T>(a * si));
+    x1[i] = static_cast<T>(a_cos - b_sin);
+    x2[i] = static_cast<T>(b_cos + a_sin);
+  }
 }
 
 // Rotate-half RoPE in place on heads [0, num_heads) of each row of x [tokens, >= num_heads *
@@ -149,22 +171,9 @@ void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, 
     scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, tokens, grain(num_heads * head_dim), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        // Like the reference, cos and sin are rounded to x's dtype first.
         const float* __restrict__ c = cp + pos[t] * half;
         const float* __restrict__ s = sp + pos[t] * half;
-        for (int64_t h = 0; h < num_heads; ++h) {
-          scalar_t* __restrict__ x1 = xp + t * ld + h * head_dim;
-          scalar_t* __restrict__ x2 = x1 + half;
-_Pragma("omp simd")
-          for (int64_t i = 0; i < half; ++i) {
-            const float ci = static_cast<float>(static_cast<scalar_t>(c[i])), si = static_cast<float>(static_cast<scalar_t>(s[i]));
-            const float a = static_cast<float>(x1[i]), b = static_cast<float>(x2[i]);
-            const float a_cos = static_cast<float>(static_cast<scalar_t>(a * ci)), b_sin = static_cast<float>(static_cast<scalar_t>(b * si));
-            const float b_cos = static_cast<float>(static_cast<scalar_t>(b * ci)), a_sin = static_cast<float>(static_cast<scalar_t>(a * si));
-            x1[i] = static_cast<scalar_t>(a_cos - b_sin);
-            x2[i] = static_cast<scalar_t>(b_cos + a_sin);
-          }
-        }
+        for (int64_t h = 0; h < num_heads; ++h) rotate_head(xp + t * ld + h * head_dim, c, s, half);
       }
     });
   });

@@ -10,12 +10,19 @@
 // A work item is (request, kv head[, part of the sequence]): all query heads of a GQA group
 // are scored against one read of the kv head's tiles. Softmax is online (running max and
 // sum, one pass over the keys). Compute is float32 whatever the cache dtype.
+//
+// An fp8 cache (float8_e4m3fn or float8_e5m2) holds k / k_scale and v / v_scale (per-tensor
+// scales, saturated at the format's largest value, rounded as torch's conversion rounds).
+// Reading it costs no multiply by the scale: k_scale is folded into the pre-scaled query and
+// v_scale into the final normalisation.
 // Registered as the torch op pagedllm_attention::paged_attention (light headers: fast to build).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,7 +40,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
 // split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
 // polynomial. Relative error ~1e-7, like a libm expf.
-inline float fast_exp(float x) {
+__attribute__((always_inline)) inline float fast_exp(float x) {
   x = std::max(x, -87.f);  // (only x <= 0 here)
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -103,6 +111,65 @@ template <>
 struct LoadVec<float> {
   static vf apply(const float* p) { return load(p); }
 };
+
+typedef int32_t vi __attribute__((vector_size(4 * kVL)));
+
+// fast_exp on a vector (same method); round-to-nearest by the 1.5 * 2^23 trick.
+__attribute__((always_inline)) inline vf fast_exp(vf x) {
+  const vf lowest = x - x - 87.f;
+  x = x < lowest ? lowest : x;
+  const vf magic = x - x + 12582912.f;
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  const vf r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = r * (1.f / 5040.f) + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<const vf&>(bits);
+}
+
+// Lane indices 0..kVL-1.
+inline vi lane_index() {
+  vi idx;
+  for (int i = 0; i < kVL; ++i) idx[i] = i;
+  return idx;
+}
+
+// One row of a chunk's scores (width floats, a multiple of kVL) into probabilities for
+// positions [lo, hi) (the others become 0), against the running max m and sum l; acc
+// (D floats) is rescaled when the max grows.
+inline void softmax_row(float* __restrict__ sr, int64_t width, int64_t lo, int64_t hi, float& m, float& l,
+                        float* __restrict__ acc, int64_t D) {
+  const vi idx = lane_index();
+  vf mx = vf{} + kNegInf;
+  for (int64_t p = 0; p < width; p += kVL) {
+    const vi pos = idx + static_cast<int32_t>(p);
+    const vf x = load(sr + p);
+    const vf masked = (pos >= static_cast<int32_t>(lo)) & (pos < static_cast<int32_t>(hi)) ? x : vf{} + kNegInf;
+    mx = masked > mx ? masked : mx;
+  }
+  float chunk_max = kNegInf;
+  for (int i = 0; i < kVL; ++i) chunk_max = std::max(chunk_max, mx[i]);
+  if (chunk_max > m) {
+    const float correction = l == 0.f ? 0.f : fast_exp(m - chunk_max);
+    l *= correction;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+    m = chunk_max;
+  }
+  vf sum{};
+  for (int64_t p = 0; p < width; p += kVL) {
+    const vi pos = idx + static_cast<int32_t>(p);
+    const vf e = fast_exp(load(sr + p) - m);
+    const vf kept = (pos >= static_cast<int32_t>(lo)) & (pos < static_cast<int32_t>(hi)) ? e : vf{};
+    store(sr + p, kept);
+    sum += kept;
+  }
+  for (int i = 0; i < kVL; ++i) l += sum[i];
+}
 
 // Scores of NR query rows (q [NR][D]) against one key tile [D][16] into s (row stride
 // ldq). The accumulators stay in registers; S interleaved partial sums over d give the
@@ -240,28 +307,22 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
         std::fill(sr, sr + lds, 0.f);
         continue;
       }
+      if constexpr (D_ > 0) {
+        softmax_row(sr, kChunkBlocks * kBlock, lo, hi, m[r], l[r], acc + r * D, D);
+        continue;
+      }
       float chunk_max = kNegInf;
-#pragma omp simd reduction(max : chunk_max)
       for (int64_t p = lo; p < hi; ++p) chunk_max = std::max(chunk_max, sr[p]);
       if (chunk_max > m[r]) {
         const float correction = l[r] == 0.f ? 0.f : fast_exp(m[r] - chunk_max);
         l[r] *= correction;
-        float* __restrict__ ar = acc + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= correction;
         m[r] = chunk_max;
       }
-      const float mr = m[r];
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = lo; p < hi; ++p) {
-        const float e = fast_exp(sr[p] - mr);
-        sr[p] = e;
-        sum += e;
+      for (int64_t p = 0; p < lds; ++p) {
+        sr[p] = p >= lo && p < hi ? fast_exp(sr[p] - m[r]) : 0.f;
+        l[r] += sr[p];
       }
-      l[r] += sum;
-      std::fill(sr, sr + lo, 0.f);
-      std::fill(sr + hi, sr + lds, 0.f);
     }
     for (int64_t i = 0; i < num_blocks; ++i) {
       const int64_t p0 = std::max(lo - i * BS, int64_t(0)), p1 = std::min(chunk_end - i * BS, BS);
@@ -288,21 +349,62 @@ struct LoadVec<c10::BFloat16> {
   }
 };
 
-template <typename T>
-void write_kv(const Rows<T>& k, const Rows<T>& v, int64_t num_tokens, const int64_t* slots, T* key_base,
-              T* value_base, const Geometry& g) {
+// An fp8 byte's magnitude bits shifted into a float32's exponent and mantissa give the
+// value times 2^-(127 - bias), subnormals included (they become float32 subnormals); one
+// multiply restores it. kShift: float32 mantissa bits minus the format's.
+template <int kShift, int kBias>
+inline vf load_fp8(const uint8_t* p) {
+  typedef uint8_t vu8 __attribute__((vector_size(kVL), aligned(1)));
+  typedef uint32_t vu32 __attribute__((vector_size(4 * kVL)));
+  const vu32 w = __builtin_convertvector(*reinterpret_cast<const vu8*>(p), vu32);
+  const vu32 bits = ((w & 0x7Fu) << kShift) | ((w & 0x80u) << 24);
+  return reinterpret_cast<const vf&>(bits) * (vf{} + __builtin_ldexpf(1.f, 127 - kBias));
+}
+template <>
+struct LoadVec<c10::Float8_e4m3fn> {
+  static vf apply(const c10::Float8_e4m3fn* p) { return load_fp8<20, 7>(reinterpret_cast<const uint8_t*>(p)); }
+};
+template <>
+struct LoadVec<c10::Float8_e5m2> {
+  static vf apply(const c10::Float8_e5m2* p) { return load_fp8<21, 15>(reinterpret_cast<const uint8_t*>(p)); }
+};
+
+// Cache element types: the compute dtype itself (no scaling), or fp8 (x / scale, saturated).
+template <typename C>
+struct CacheCast {
+  static constexpr bool kScaled = false;
+  template <typename T>
+  static C apply(T x, float) { return static_cast<C>(x); }
+};
+template <typename C>
+struct Fp8Cast {
+  static constexpr bool kScaled = true;
+  template <typename T>
+  static C apply(T x, float scale) {
+    const float max = static_cast<float>(std::numeric_limits<C>::max());
+    return C(std::min(std::max(static_cast<float>(x) / scale, -max), max));
+  }
+};
+template <>
+struct CacheCast<c10::Float8_e4m3fn> : Fp8Cast<c10::Float8_e4m3fn> {};
+template <>
+struct CacheCast<c10::Float8_e5m2> : Fp8Cast<c10::Float8_e5m2> {};
+
+template <typename T, typename C>
+void write_kv(const Rows<T>& k, const Rows<T>& v, int64_t num_tokens, const int64_t* slots, C* key_base,
+              C* value_base, const Geometry& g, float k_scale, float v_scale) {
   const int64_t D = g.head_dim, BS = g.block_size, tile = g.tile();
   at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slots[t] / BS, offset = slots[t] % BS;
       for (int64_t h = 0; h < g.num_kv_heads; ++h) {
         const int64_t tile_index = block * g.num_kv_heads + h;
-        T* kt = key_base + tile_index * tile + offset;
-        T* vt = value_base + tile_index * tile + offset * D;
+        C* kt = key_base + tile_index * tile + offset;
+        C* vt = value_base + tile_index * tile + offset * D;
         const T* kr = k.at(t, h);
         const T* vr = v.at(t, h);
-        for (int64_t d = 0; d < D; ++d) kt[d * BS] = kr[d];
-        std::copy(vr, vr + D, vt);
+        for (int64_t d = 0; d < D; ++d) kt[d * BS] = CacheCast<C>::apply(kr[d], k_scale);
+        for (int64_t d = 0; d < D; ++d) vt[d] = CacheCast<C>::apply(vr[d], v_scale);
       }
     }
   });
@@ -310,10 +412,12 @@ void write_kv(const Rows<T>& k, const Rows<T>& v, int64_t num_tokens, const int6
 
 // One step's attention. Requests [0, num_decodes) have one query token each; the others
 // are prefill chunks whose queries are the last tokens of their sequence.
-template <typename T, int D_>
-void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base, const int64_t* tables,
+// T: the dtype of q and out; C: the cache's. k_scale and v_scale: the fp8 scales (1 otherwise).
+template <typename T, typename C, int D_>
+void attention(const Rows<T>& q, T* out, const C* key_base, const C* value_base, const int64_t* tables,
                int64_t max_blocks, const int64_t* seq_lens, const int64_t* query_start, int64_t num_reqs,
-               int64_t num_decodes, const Geometry& g, float scale) {
+               int64_t num_decodes, const Geometry& g, float scale, float k_scale, float v_scale) {
+  const float q_scale = scale * k_scale;
   const int64_t D = g.head_dim, BS = g.block_size, group = g.group, num_heads = g.num_kv_heads * group;
   const int64_t num_threads = at::get_num_threads();
   // Query tile of a prefill item: this many tokens of one request share each key tile read.
@@ -371,7 +475,7 @@ void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base,
         for (int64_t hg = 0; hg < group; ++hg) {
           const T* src = q.at(first_token + j, it.kv_head * group + hg);
           float* dst = qf.data() + (j * group + hg) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * q_scale;
         }
       }
       std::fill(m.begin(), m.begin() + rows, kNegInf);
@@ -379,7 +483,7 @@ void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base,
       std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
       const int64_t key_begin = is_decode ? it.begin : 0;
       const int64_t key_end = is_decode ? it.end : limit[num_tokens - 1] + 1;
-      attend_rows<T, D_>(qf.data(), rows, key_base, value_base, tables + it.req * max_blocks, key_begin, key_end,
+      attend_rows<C, D_>(qf.data(), rows, key_base, value_base, tables + it.req * max_blocks, key_begin, key_end,
                               limit, g, it.kv_head, m.data(), l.data(), acc.data(), s.data());
       if (is_decode && parts > 1) {
         float* dst = partial.data() + (index - first_decode_item) * group * (D + 2);
@@ -393,7 +497,7 @@ void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base,
       for (int64_t j = 0; j < num_tokens; ++j) {
         for (int64_t hg = 0; hg < group; ++hg) {
           const int64_t r = j * group + hg;
-          const float inv = 1.f / l[r];
+          const float inv = v_scale / l[r];
           T* dst = out + ((first_token + j) * num_heads + it.kv_head * group + hg) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
         }
@@ -422,18 +526,19 @@ void attention(const Rows<T>& q, T* out, const T* key_base, const T* value_base,
         for (int64_t d = 0; d < D; ++d) sum[d] += w * part[2 + d];
       }
       T* dst = out + (first.req * num_heads + first.kv_head * group + hg) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] / total);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] / total * v_scale);
     }
     index += n;
   }
 }
 
-template <typename T>
-void dispatch(const Rows<T>& q, T* out, const T* key_base, const T* value_base, const int64_t* tables,
+template <typename T, typename C>
+void dispatch(const Rows<T>& q, T* out, const C* key_base, const C* value_base, const int64_t* tables,
               int64_t max_blocks, const int64_t* seq_lens, const int64_t* query_start, int64_t num_reqs,
-              int64_t num_decodes, const Geometry& g, float scale) {
-#define PAGEDLLM_ATTEND(D) \
-  attention<T, D>(q, out, key_base, value_base, tables, max_blocks, seq_lens, query_start, num_reqs, num_decodes, g, scale)
+              int64_t num_decodes, const Geometry& g, float scale, float k_scale, float v_scale) {
+#define PAGEDLLM_ATTEND(D)                                                                                    \
+  attention<T, C, D>(q, out, key_base, value_base, tables, max_blocks, seq_lens, query_start, num_reqs, num_decodes, \
+                     g, scale, k_scale, v_scale)
   if (g.block_size == 16 && g.head_dim == 64)
     PAGEDLLM_ATTEND(64);
   else if (g.block_size == 16 && g.head_dim == 128)
@@ -447,14 +552,18 @@ void dispatch(const Rows<T>& q, T* out, const T* key_base, const T* value_base, 
 
 // q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (may be
 // strided views of one fused qkv tensor); kv_cache: [2, num_blocks, num_kv_heads,
-// block_size * head_dim]. Writes k and v at slot_mapping, returns [num_tokens, num_heads, head_dim].
-at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache,
-                              at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
-                              at::Tensor query_start_loc, int64_t num_decodes, int64_t block_size, double scale) {
+// block_size * head_dim], of q's dtype or fp8; kv_scales: float32 [2] (k_scale, v_scale), read
+// only for an fp8 cache. Writes k and v at slot_mapping, returns [num_tokens, num_heads, head_dim].
+at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, at::Tensor kv_scales,
+                           at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
+                           at::Tensor query_start_loc, int64_t num_decodes, int64_t block_size, double scale) {
   RECORD_FUNCTION("pagedllm::paged_attention", std::vector<c10::IValue>({q}));
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "kv_cache: [2, num_blocks, num_kv_heads, tile]");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "paged_attention: q, k, v and the cache must share a dtype");
+  const auto cache_type = kv_cache.scalar_type();
+  const bool fp8 = cache_type == at::kFloat8_e4m3fn || cache_type == at::kFloat8_e5m2;
+  TORCH_CHECK((fp8 || cache_type == q.scalar_type()) && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "paged_attention: q, k and v share a dtype, and the cache has it too or is fp8");
+  TORCH_CHECK(kv_scales.scalar_type() == at::kFloat && kv_scales.numel() == 2, "paged_attention: kv_scales is float32 [2]");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && block_tables.scalar_type() == at::kLong &&
                   seq_lens.scalar_type() == at::kLong && query_start_loc.scalar_type() == at::kLong,
               "paged_attention: int64 metadata");
@@ -468,20 +577,32 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
   const Geometry g{num_kv_heads, num_heads / num_kv_heads, head_dim, block_size};
   auto out = at::empty({num_tokens, num_heads, head_dim}, q.options());
   const int64_t half = kv_cache.stride(0);
+  const float k_scale = fp8 ? kv_scales.contiguous().data_ptr<float>()[0] : 1.f;
+  const float v_scale = fp8 ? kv_scales.contiguous().data_ptr<float>()[1] : 1.f;
+  TORCH_CHECK(k_scale > 0.f && v_scale > 0.f, "paged_attention: kv_scales must be positive");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    scalar_t* key_base = kv_cache.data_ptr<scalar_t>();
-    scalar_t* value_base = key_base + half;
-    write_kv<scalar_t>(rows_of<scalar_t>(k), rows_of<scalar_t>(v), num_tokens, slot_mapping.data_ptr<int64_t>(),
-                       key_base, value_base, g);
-    dispatch<scalar_t>(rows_of<scalar_t>(q), out.data_ptr<scalar_t>(), key_base, value_base,
-                       block_tables.data_ptr<int64_t>(), block_tables.size(1), seq_lens.data_ptr<int64_t>(),
-                       query_start_loc.data_ptr<int64_t>(), seq_lens.size(0), num_decodes, g, static_cast<float>(scale));
+    auto run = [&](auto* key_base) {
+      using C = std::remove_pointer_t<decltype(key_base)>;
+      C* value_base = key_base + half;
+      write_kv<scalar_t, C>(rows_of<scalar_t>(k), rows_of<scalar_t>(v), num_tokens, slot_mapping.data_ptr<int64_t>(),
+                            key_base, value_base, g, k_scale, v_scale);
+      dispatch<scalar_t, C>(rows_of<scalar_t>(q), out.data_ptr<scalar_t>(), key_base, value_base,
+                            block_tables.data_ptr<int64_t>(), block_tables.size(1), seq_lens.data_ptr<int64_t>(),
+                            query_start_loc.data_ptr<int64_t>(), seq_lens.size(0), num_decodes, g,
+                            static_cast<float>(scale), k_scale, v_scale);
+    };
+    if (cache_type == at::kFloat8_e4m3fn)
+      run(static_cast<c10::Float8_e4m3fn*>(kv_cache.data_ptr()));
+    else if (cache_type == at::kFloat8_e5m2)
+      run(static_cast<c10::Float8_e5m2*>(kv_cache.data_ptr()));
+    else
+      run(kv_cache.data_ptr<scalar_t>());
   });
   return out;
 }
 
 TORCH_LIBRARY(pagedllm_attention, m) {
-  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_tables, "
-        "Tensor seq_lens, Tensor query_start_loc, int num_decodes, int block_size, float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor kv_scales, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, int num_decodes, int block_size, float scale) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
 }
