@@ -66,7 +66,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super().forward(q, k, v, kv_cache, batch, kv_scales)
         if q.device.type != "cpu":
             raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, got {q.device}; use attention_backend='torch'")
+        scales = self._unit_scales if kv_scales is None else kv_scales
         return self.kernel.paged_attention(
-            q, k, v, kv_cache, self._unit_scales if kv_scales is None else kv_scales, batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            q, k, v, kv_cache, scales, batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             batch.num_decodes, batch.block_size, self.scale,
         )

@@ -39,23 +39,27 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x), vectorisable: e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2
 // split in two for an exact reduction), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
-// polynomial. Relative error ~1e-7, like a libm expf.
-__attribute__((always_inline)) inline float fast_exp(float x) {
-  x = std::max(x, -87.f);  // (only x <= 0 here)
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
+// polynomial. Relative error ~1e-7, like a libm expf. exp_reduced gives r and e^r for a float
+// or a vector of floats; the callers below build 2^n.
+template <typename V>
+__attribute__((always_inline)) inline V exp_reduced(V x, V n) {
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = r * (1.f / 5040.f) + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+__attribute__((always_inline)) inline float fast_exp(float x) {
+  x = std::max(x, -87.f);  // (only x <= 0 here)
+  const float n = std::nearbyint(x * 1.44269504088896341f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return exp_reduced(x, n) * scale;
 }
 
 template <typename T>
@@ -120,16 +124,8 @@ __attribute__((always_inline)) inline vf fast_exp(vf x) {
   x = x < lowest ? lowest : x;
   const vf magic = x - x + 12582912.f;
   const vf n = (x * 1.44269504088896341f + magic) - magic;
-  const vf r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = r * (1.f / 5040.f) + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * reinterpret_cast<const vf&>(bits);
+  return exp_reduced(x, n) * reinterpret_cast<const vf&>(bits);
 }
 
 // Lane indices 0..kVL-1.
@@ -372,13 +368,11 @@ struct LoadVec<c10::Float8_e5m2> {
 // Cache element types: the compute dtype itself (no scaling), or fp8 (x / scale, saturated).
 template <typename C>
 struct CacheCast {
-  static constexpr bool kScaled = false;
   template <typename T>
   static C apply(T x, float) { return static_cast<C>(x); }
 };
 template <typename C>
 struct Fp8Cast {
-  static constexpr bool kScaled = true;
   template <typename T>
   static C apply(T x, float scale) {
     const float max = static_cast<float>(std::numeric_limits<C>::max());
