@@ -58,7 +58,7 @@ class LinearMethod:
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A float weight ``[out, in]`` and ``F.linear``: the default."""
+    """A float weight ``[out, in]`` and ``F.linear`` (on CPU, oneDNN with the weight prepacked): the default."""
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype), requires_grad=False)
@@ -71,8 +71,26 @@ class UnquantizedLinearMethod(LinearMethod):
                              f"got {tuple(tensor.shape)}")  # fmt: skip
         rows.copy_(tensor)
 
+    def process_weights_after_loading(self, layer):
+        """On CPU, prepack the weight for oneDNN's matmul (see :mod:`pagedllm.core.layers.dense`).
+
+        The packed tensor replaces ``layer.weight``. An embedding table keeps its rows for
+        lookups and is packed only if it also serves as the (tied) LM head: on first use.
+        """
+        from pagedllm.core.layers import dense
+
+        if not hasattr(layer, "num_embeddings") and dense.can_prepack(layer.weight):
+            layer.weight = nn.Parameter(dense.prepack(layer.weight), requires_grad=False)
+
     def apply(self, layer, x, bias):
-        return F.linear(x, layer.weight, bias)
+        from pagedllm.core.layers import dense
+
+        weight = layer.weight
+        if hasattr(layer, "num_embeddings"):  # the tied LM head
+            if not hasattr(layer, "packed_weight"):
+                layer.packed_weight = dense.prepack(weight) if dense.can_prepack(weight) else None
+            weight = layer.packed_weight if layer.packed_weight is not None else weight
+        return dense.linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)
 
     def embedding(self, layer, token_ids):
         return F.embedding(token_ids, layer.weight)
