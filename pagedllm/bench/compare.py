@@ -126,8 +126,9 @@ def _model_bytes(model) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-packed weights have no storage pointer
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 

@@ -39,5 +39,9 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a weight from :func:`prepack`; ``x`` is ``[..., in]`` in the weight's dtype."""
+    """``x @ W.T + bias`` for a weight from :func:`prepack`; ``x`` is ``[..., in]`` in the weight's dtype.
+
+    A plain contiguous ``[out, in]`` weight works too (oneDNN reorders it on the fly); that is
+    still faster than ``F.linear`` here, and is how tiles dequantized per call are multiplied.
+    """
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

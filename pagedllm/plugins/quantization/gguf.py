@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from pagedllm.core.layers import dense
 from pagedllm.core.quantization import LinearMethod, QuantizationMethod
 from pagedllm.plugins.quantization.gguf_dequant import (
     DEQUANTIZERS,
@@ -67,6 +68,13 @@ def load_kernels():
 def _scratch(num_elements: int) -> torch.Tensor:
     """One reused float32 buffer for dequantized tiles (fresh 4 MiB allocations page-fault on every call)."""
     return torch.empty(num_elements)
+
+
+def _float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a float32 tile: oneDNN where it can (1.1-2x MKL's ``F.linear`` here, unpacked)."""
+    if dense.can_prepack(weight) and x.dtype == weight.dtype:
+        return dense.linear(x, weight, None)
+    return F.linear(x, weight)
 
 
 class _Dense:
@@ -115,7 +123,7 @@ class _Blocks:
                 raw = self.raw[start : start + self.tile_rows]
                 tile = _scratch(_TILE_ELEMENTS)[: raw.shape[0] * flat.shape[1]].view(raw.shape[0], -1)
                 self.kernels.gguf_dequantize(raw, self.qtype, tile)
-                y[:, start : start + raw.shape[0]] = flat @ tile.t()
+                y[:, start : start + raw.shape[0]] = _float_linear(flat, tile)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
