@@ -10,6 +10,7 @@ single-stream decode (W2) as weight + KV bytes per token over the read bandwidth
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -90,9 +91,12 @@ def run_compare(args) -> int:
         from pagedllm.bench.offline import load_transformers, run_transformers
 
         model = load_transformers(source)
+        # W3's transformers figure is static batching of W1's requests offline: W1's runs, relabelled.
+        offline_runs = None
         for key in ("W1", "W3"):
-            if key in wl:  # W3's transformers figure is static batching of the same requests, offline
-                record(_transformers_best(model, wl[key], args.hf_batch_sizes, args.repeats))
+            if key in wl:
+                offline_runs = offline_runs or _transformers_best(model, wl[key], args.hf_batch_sizes, args.repeats)
+                record([dataclasses.replace(run, workload=key) for run in offline_runs])
         if "W2" in wl:
             record(rep(lambda: run_transformers(model, wl["W2"], 1)))
         del model
