@@ -158,3 +158,15 @@ def test_third_party_logits_processor_is_used(llm, model_dir):
     assert len(bigrams) == len(set(bigrams))
     plain = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0].outputs[0].token_ids
     assert plain != tokens  # a random model repeats itself within 40 greedy tokens
+
+
+def test_reset_prefix_cache_makes_a_repeated_prompt_compute_again(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    llm.reset_prefix_cache()
+    first = llm.generate([list(PROMPT)], params, use_tqdm=False)[0]
+    again = llm.generate([list(PROMPT)], params, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0  # the cache works...
+    assert llm.reset_prefix_cache() is True  # ...and an idle engine can drop it
+    cold = llm.generate([list(PROMPT)], params, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0
+    assert [o.outputs[0].token_ids for o in (first, again, cold)] == [first.outputs[0].token_ids] * 3

@@ -80,7 +80,9 @@ def run_compare(args) -> int:
                     del llm
                     _ceiling_fraction(s, wl[key], costs, ceilings, weight_bytes, fractions)
             if "W3" in wl:
-                with _server(source.path, options) as url:
+                # W3's prompts are distinct, so prefix caching only matters across repetitions
+                # (a repeat would find the last one's prompts cached): off, so each run is cold.
+                with _server(source.path, dict(options, enable_prefix_caching=False)) as url:
                     from pagedllm.bench.serve import first_model, run_serve
 
                     model_name = first_model(url)
@@ -190,8 +192,11 @@ def _server(model_path, options: dict):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", str(model_path), "--port", str(port)]
     for key, value in options.items():
-        if key != "model":
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(f"--{flag}" if value else f"--no-{flag}")
+        elif key != "model":
+            cmd += [f"--{flag}", str(value)]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -15,6 +15,8 @@ def run_pagedllm(engine, workload: Workload, system: str = "pagedllm") -> RunRes
     from pagedllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
+    if not engine.reset_prefix_cache():  # every repetition starts cold: no prompt left cached by the last one
+        raise RuntimeError("the engine still has requests running; a benchmark run needs an idle engine")
     seen: dict[str, int] = {}
     last: dict[str, float] = {}
     ttft: list[float] = []

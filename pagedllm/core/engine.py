@@ -196,6 +196,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (as vLLM's ``reset_prefix_cache``); False while requests still hold blocks."""
+        return self.kv_cache.reset_prefix_cache()
+
     def get_num_unfinished_requests(self) -> int:
         return len(self._parents)
 

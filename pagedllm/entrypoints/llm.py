@@ -28,6 +28,10 @@ class LLM:
         self.engine = LLMEngine(self.config, plugins)
         self._ids = itertools.count()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, so the next requests compute their prompts afresh."""
+        return self.engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
