@@ -78,13 +78,18 @@ def _float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Dense:
-    """A float weight [rows, in]."""
+    """A float weight [rows, in]; on CPU prepacked for oneDNN, as the float path's linears are."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        self.weight = weight.to(dtype)
+        weight = weight.to(dtype)
+        self.weight = dense.prepack(weight) if dense.can_prepack(weight) else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        if not self.weight.is_mkldnn:
+            return F.linear(x, self.weight.to(x.dtype))
+        if x.dtype == self.weight.dtype:
+            return dense.linear(x, self.weight, None)
+        return F.linear(x, self.weight.to_dense().to(x.dtype))  # activations in another dtype: rare, unpacked per call
 
 
 class _Dequant:
