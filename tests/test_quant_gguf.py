@@ -96,6 +96,31 @@ def test_layer_output_matches_the_dequantized_weight(type_name, kernel, num_toke
     torch.testing.assert_close(layer_kernel(x), expected, rtol=0, atol=KERNEL_TOLERANCE[kernel] * scale)
 
 
+def _rounded_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as llama.cpp's Q8_0 activations hold it: per 32 values, d = max|x| / 127 and round(x / d) * d."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / d) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8])
+@pytest.mark.parametrize("type_name", QUANTIZED)
+def test_q8_kernel_is_the_exact_product_with_int8_rounded_activations(type_name, num_tokens):
+    kernels = gguf_method.load_kernels()
+    if kernels is None:
+        pytest.skip("no C++ tool chain")
+    raw, qtype = TENSORS[type_name]
+    weight = dequantize(raw, qtype)
+    x = torch.randn(num_tokens, weight.shape[1], generator=torch.Generator().manual_seed(1))
+    y = gguf_method._Blocks(raw, qtype, weight.shape[1], kernels, q8=True)(x)
+    # Q4_0 / Q4_1 / Q8_0 take integer dot products of int8-rounded x; the other types the float kernel
+    rounded = _rounded_to_int8_blocks(x) if qtype in (T.Q4_0, T.Q4_1, T.Q8_0) else x
+    expected = rounded @ weight.T
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5 * scale)
+    assert (y - x @ weight.T).abs().max().item() < 3e-2 * scale  # and near the unrounded product
+
+
 def _engine(path: Path, **options) -> LLMEngine:
     return LLMEngine(EngineConfig.from_options(model=str(path), num_kv_blocks=64, **options))
 
@@ -125,8 +150,9 @@ def float_reference():
 
 
 # Max abs logit difference (logits of magnitude ~5): vs the float reference per kernel, and vs llama.cpp,
-# which also rounds activations to 8 bits (its Q8_0 / Q8_K dot products).
-LOGITS_VS_FLOAT = {"auto": 1e-4, "dequant": 1e-4, "int4pack": 0.15}
+# which also rounds activations to 8 bits (its Q8_0 / Q8_K dot products; llama.cpp itself is 0.16-0.29
+# from the float reference on these files, q8 is 0.14-0.15).
+LOGITS_VS_FLOAT = {"auto": 1e-4, "dequant": 1e-4, "q8": 0.25, "int4pack": 0.15}
 LOGITS_VS_LLAMA_CPP = 0.4
 
 
@@ -141,7 +167,7 @@ def test_logits_match_the_float_reference_and_llama_cpp(name, kernel, float_refe
     assert (logits - expected).abs().max().item() < LOGITS_VS_FLOAT[kernel]
     llama_cpp = torch.tensor(REFERENCE["files"][name]["llama_cpp_logits"])
     assert (logits - llama_cpp).abs().max().item() < LOGITS_VS_LLAMA_CPP
-    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= (1.0 if kernel != "int4pack" else 0.75)
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= (1.0 if kernel in ("auto", "dequant") else 0.75)
 
 
 def test_weights_stay_quantized_with_types_per_part():

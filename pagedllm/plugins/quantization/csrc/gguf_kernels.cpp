@@ -356,6 +356,110 @@ void mul_mat_rows(const float* x, int64_t M, int64_t K, const float* xsum, const
   rows_generic<TYPE>(x, M, K, raw, row_bytes, y, N, n0, n1);
 }
 
+// ---- int8 activations (llama.cpp's q8 dot products) ----
+// x is quantized per 32 values to int8 with one float scale (d_x = max|x| / 127), then each
+// block's dot product is an integer one: u8 x s8 -> int32 (VNNI's vpdpbusd, or AVX2's
+// maddubs + madd). w . x = d_w * d_x * (q . q_x) + min_w * d_x * sum(q_x): exact for the rounded x.
+// Rounding x to 8 bits moves the result by about 0.3% of |w| |x| per block, as in llama.cpp.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+struct QuantizedX {
+  const int8_t* q;  // [M, K]
+  const float* d;   // [M, K / 32]
+  const float* s;   // [M, K / 32] d * sum(q): the sums of the rounded x
+};
+
+template <int64_t TYPE, int ROWS>
+void rows_q8(const QuantizedX& x, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N, int64_t n0,
+             int64_t n1) {
+  constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
+  const int64_t num_blocks = K / 32;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[ROWS];
+    float acc_min[ROWS];
+    for (int m = 0; m < ROWS; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      acc_min[m] = 0.f;
+    }
+    const uint8_t* row = raw + n * row_bytes;
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      const uint8_t* b = row + blk * bytes;
+      const float d = f16c(b);
+      __m256i u, w;
+      float minimum = 0.f;
+      if constexpr (TYPE == Q8_0) {
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+        u = _mm256_sign_epi8(w, w);  // |w|; the sign moves onto x
+      } else {
+        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (TYPE == Q4_0 ? 2 : 4)));
+        u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), mask);  // values 0..15, 16..31
+        minimum = TYPE == Q4_0 ? -8.f * d : f16c(b + 2);
+      }
+      for (int m = 0; m < ROWS; ++m) {
+        const int64_t i = m * num_blocks + blk;
+        __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + blk * 32));
+        if constexpr (TYPE == Q8_0) s = _mm256_sign_epi8(s, w);
+        const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(u, s));
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i]), dot, acc[m]);
+        if constexpr (TYPE != Q8_0) acc_min[m] += minimum * x.s[i];
+      }
+    }
+    for (int m = 0; m < ROWS; ++m) y[m * N + n] = hsum(acc[m]) + acc_min[m];
+  }
+}
+
+// x [M, K] -> int8 per 32 values, their scales and the scaled sums of the int8 values.
+void quantize_x(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < M * K / 32; ++i) {
+    const float* xb = x + i * 32;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float scale = _mm_cvtss_f32(m4) / 127.f;
+    d[i] = scale;
+    const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    __m256i w[4];
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8 with the lanes back in order (packs work within 128-bit halves)
+    const __m256i a = _mm256_packs_epi32(w[0], w[1]), c = _mm256_packs_epi32(w[2], w[3]);
+    __m256i bytes = _mm256_packs_epi16(a, c);
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * 32), bytes);
+    const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
+    s[i] = scale * hsum(_mm256_cvtepi32_ps(sum32));  // the sum of the rounded x: w . x_q exactly
+  }
+}
+
+template <int64_t TYPE>
+void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y,
+                     int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return rows_q8<TYPE, 1>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 2: return rows_q8<TYPE, 2>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 3: return rows_q8<TYPE, 3>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 4: return rows_q8<TYPE, 4>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 5: return rows_q8<TYPE, 5>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 6: return rows_q8<TYPE, 6>(x, K, raw, row_bytes, y, N, n0, n1);
+    case 7: return rows_q8<TYPE, 7>(x, K, raw, row_bytes, y, N, n0, n1);
+    default: return rows_q8<TYPE, 8>(x, K, raw, row_bytes, y, N, n0, n1);
+  }
+}
+#endif
+
 }  // namespace
 
 // x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
@@ -390,6 +494,41 @@ torch::Tensor gguf_mul_mat(torch::Tensor x, torch::Tensor raw, int64_t type) {
   return y;
 }
 
+// The same product with x rounded to int8 per 32 values (Q4_0, Q4_1, Q8_0; other types take
+// gguf_mul_mat's float path). Several times faster: the blocks are never converted to floats.
+torch::Tensor gguf_mul_mat_q8(torch::Tensor x, torch::Tensor raw, int64_t type) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (type == Q4_0 || type == Q4_1 || type == Q8_0) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
+    TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
+    TORCH_CHECK(x.size(0) <= kMaxRows, "gguf_mul_mat_q8 takes at most ", kMaxRows, " rows of x");
+    const Format f = format_of(type);
+    x = x.contiguous();
+    raw = raw.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
+    TORCH_CHECK(K % 32 == 0 && row_bytes == K / 32 * f.block_bytes, "raw blocks do not match K");
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<float> ds;
+    q.resize(M * K);
+    ds.resize(2 * M * K / 32);
+    quantize_x(x.data_ptr<float>(), M, K, q.data(), ds.data(), ds.data() + M * K / 32);
+    const QuantizedX qx{q.data(), ds.data(), ds.data() + M * K / 32};
+    auto y = torch::empty({M, N}, x.options());
+    const uint8_t* rp = raw.data_ptr<uint8_t>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+      switch (type) {
+        case Q4_0: return mul_mat_q8_rows<Q4_0>(qx, M, K, rp, row_bytes, yp, N, n0, n1);
+        case Q4_1: return mul_mat_q8_rows<Q4_1>(qx, M, K, rp, row_bytes, yp, N, n0, n1);
+        case Q8_0: return mul_mat_q8_rows<Q8_0>(qx, M, K, rp, row_bytes, yp, N, n0, n1);
+      }
+    });
+    return y;
+  }
+#endif
+  return gguf_mul_mat(x, raw, type);
+}
+
 // raw [N, bytes] uint8 -> out [N, K] float32 (a caller's scratch buffer: no page faults per call).
 torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out) {
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
@@ -417,5 +556,6 @@ torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_mul_mat", &gguf_mul_mat, "x @ W.T with W as raw GGUF blocks (float32, at most 8 rows of x)");
+  m.def("gguf_mul_mat_q8", &gguf_mul_mat_q8, "gguf_mul_mat with x rounded to int8 per 32 values (llama.cpp's q8)");
   m.def("gguf_dequantize", &gguf_dequantize, "raw GGUF blocks -> float32 rows");
 }
