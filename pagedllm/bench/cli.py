@@ -61,7 +61,7 @@ def add_bench_parser(sub, add_engine_options) -> None:
     cmp_.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4"], choices=["W1", "W2", "W3", "W4"])
     cmp_.add_argument("--systems", nargs="+", default=["pagedllm", "transformers", "llama.cpp"],
                       choices=["pagedllm", "transformers", "llama.cpp"])
-    cmp_.add_argument("--weights", nargs="+", default=["float32", "gguf"], choices=["float32", "gguf"],
+    cmp_.add_argument("--weights", nargs="+", default=["float32", "gguf"], choices=["float32", "gguf", "gguf-q8"],
                       help="pagedllm weight paths: float32 (dequantized) and/or the GGUF's own quantized weights")
     cmp_.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     cmp_.add_argument("--llamacpp-parallel", type=int, default=64, help="llama.cpp sequences decoded together (llama-server --parallel)")

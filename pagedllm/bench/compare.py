@@ -1,7 +1,8 @@
 """`pagedllm bench compare`: pagedllm, transformers and llama.cpp on W1-W4 in one run.
 
 All systems read the same GGUF file: transformers dequantizes it to float32, llama.cpp
-runs it as is, pagedllm runs it both ways (``--weights float32 gguf``). This machine's
+runs it as is, pagedllm runs it both ways (``--weights float32 gguf``; ``gguf-q8`` rounds
+decode activations to int8 as llama.cpp does). This machine's
 ceilings are measured first and every pagedllm figure is also given as a fraction of its
 ceiling: compute-bound runs (W1, W4) as model FLOPs per second over the matmul ceiling,
 single-stream decode (W2) as weight + KV bytes per token over the read bandwidth.
@@ -21,7 +22,11 @@ from pagedllm.bench import workloads
 from pagedllm.bench.report import RunResult, Summary, print_table, write_json
 
 #: Engine options selecting each pagedllm weight path.
-WEIGHT_OPTIONS = {"float32": {"dtype": "float32", "quantization": "none"}, "gguf": {"dtype": "float32"}}
+WEIGHT_OPTIONS = {
+    "float32": {"dtype": "float32", "quantization": "none"},
+    "gguf": {"dtype": "float32"},
+    "gguf-q8": {"dtype": "float32", "quantization_kernel": "q8"},  # int8-rounded activations, as llama.cpp
+}
 
 
 def run_compare(args) -> int:
@@ -129,9 +134,16 @@ def run_compare(args) -> int:
 
 def _model_bytes(model) -> int:
     """Bytes read per decode step for the weights: every parameter and buffer of the model, once."""
+    import torch
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():  # quantized layers keep their weights outside parameters (GGUF blocks)
+        for part in getattr(module, "gguf_parts", None) or []:
+            tensors += [v for v in vars(part[1]).values() if isinstance(v, torch.Tensor)]
+        tensors += list((getattr(module, "gguf_raw", None) or {}).values())
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-packed weights have no storage pointer
         if key not in seen:
             seen.add(key)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,7 @@ class ModelRunner:
         # One tensor for the whole cache: [num_layers, 2, num_blocks, ...]; the attention
         # backend lays out each block (default [block_size, num_kv_heads, head_dim]).
         shape = _kv_cache_shape(layers[0].backend, kv_cache.num_blocks, self.block_size, spec)
-        self.kv_caches = torch.zeros(spec.num_layers, *shape, dtype=kv_cache_dtype, device=device)
+        self.kv_caches = _zeros_on_huge_pages((spec.num_layers, *shape), kv_cache_dtype, device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_caches[i]
         self._buffers: dict[str, torch.Tensor] = {}
@@ -155,6 +157,25 @@ class ModelRunner:
         if buf is None or buf.numel() < size:
             buf = self._buffers[name] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
         return buf[:size]
+
+
+def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on Linux CPUs on transparent huge pages where the kernel allows them (``madvise`` mode).
+
+    Decode attention reads scattered 4 KiB tiles of the cache, each of them a TLB miss on 4 KiB
+    pages; on 2 MiB pages the misses are gone.
+    """
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if tensor.device.type == "cpu" and sys.platform == "linux" and tensor.nbytes >= 2 * _HUGE_PAGE:
+        start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the whole huge pages inside the buffer
+        length = (tensor.data_ptr() + tensor.nbytes - start) // _HUGE_PAGE * _HUGE_PAGE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # a hint: failure is harmless
+    return tensor.zero_()
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
 
 
 def _kv_cache_shape(backend, num_blocks: int, block_size: int, spec: KVCacheSpec) -> tuple[int, ...]:

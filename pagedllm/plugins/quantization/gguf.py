@@ -126,6 +126,8 @@ class _Blocks:
         self.mul_mat = kernels.gguf_mul_mat_q8 if q8 else kernels.gguf_mul_mat
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= _MAX_BLOCK_ROWS and x.dtype == torch.float32:
+            return self.mul_mat(x, self.raw, self.qtype)  # decode: no reshapes or casts (~120 calls a token)
         flat = x.reshape(-1, x.shape[-1]).float()
         if flat.shape[0] <= _MAX_BLOCK_ROWS:
             y = self.mul_mat(flat, self.raw, self.qtype)

@@ -293,9 +293,13 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
       value_tiles[i] = value_base + tile_index * tile;  // [BS][D]
     }
     // Each tile is its own 4 KiB page, which hardware prefetchers do not cross: ask for the
-    // whole next chunk (and, on the first, this chunk's values) while this one is computed.
-    if (b0 == key_begin / BS)
+    // whole next chunk (and, on the first, this chunk's keys and values) while this one is
+    // computed. In a model the cache is cold (a layer's weights went through since this
+    // layer's last step): one request for every line keeps many misses in flight at once.
+    if (b0 == key_begin / BS) {
+      for (int64_t i = 1; i < num_blocks; ++i) prefetch_tile_l2(key_tiles[i], tile);
       for (int64_t i = 0; i < num_blocks; ++i) prefetch_tile_l2(value_tiles[i], tile);
+    }
     for (int64_t i = b0 + kChunkBlocks; i < std::min(b0 + 2 * kChunkBlocks, end_block); ++i) {
       const int64_t tile_index = table[i] * g.num_kv_heads + kv_head;
       prefetch_tile_l2(key_base + tile_index * tile, tile);

@@ -12,6 +12,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifndef PAGEDLLM_PF
+#define PAGEDLLM_PF 512  // bytes ahead to prefetch: the weight stream is read once, from DRAM
+#endif
 
 namespace {
 
@@ -392,6 +395,7 @@ void rows_q8(const QuantizedX& x, int64_t K, const uint8_t* raw, int64_t row_byt
     const uint8_t* row = raw + n * row_bytes;
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
       const uint8_t* b = row + blk * bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(b + PAGEDLLM_PF), _MM_HINT_T0);
       const float d = f16c(b);
       __m256i u, w;
       float minimum = 0.f;
