@@ -206,6 +206,7 @@ void rows_avx2(const float* x, int64_t K, const float* xsum, const uint8_t* raw,
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
       __m256 q[4];
       float d, minimum;
+      _mm_prefetch(reinterpret_cast<const char*>(row + blk * bytes + PAGEDLLM_PF), _MM_HINT_T0);
       block_values<TYPE>(row + blk * bytes, q, &d, &minimum);
       const __m256 vd = _mm256_set1_ps(d);
       for (int m = 0; m < ROWS; ++m) {
@@ -264,6 +265,7 @@ void rows_avx512(const float* x, int64_t K, const float* xsum, const uint8_t* ra
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
       __m512 q[2];
       float d, minimum;
+      _mm_prefetch(reinterpret_cast<const char*>(row + blk * bytes + PAGEDLLM_PF), _MM_HINT_T0);
       block_values16<TYPE>(row + blk * bytes, q, &d, &minimum);
       const __m512 vd = _mm512_set1_ps(d);
       for (int m = 0; m < ROWS; ++m) {
