@@ -134,8 +134,10 @@ class _Blocks:
         else:
             rows = self.raw.shape[0]
             y = flat.new_empty(flat.shape[0], rows)
-            for start in range(0, rows, self.tile_rows):
-                raw = self.raw[start : start + self.tile_rows]
+            # a tile's product is a temporary [tokens, tile rows] before it is copied into y: bound it too
+            tile_rows = max(64, min(self.tile_rows, _TILE_ELEMENTS // flat.shape[0]))
+            for start in range(0, rows, tile_rows):
+                raw = self.raw[start : start + tile_rows]
                 tile = _scratch(_TILE_ELEMENTS)[: raw.shape[0] * flat.shape[1]].view(raw.shape[0], -1)
                 self.kernels.gguf_dequantize(raw, self.qtype, tile)
                 y[:, start : start + raw.shape[0]] = _float_linear(flat, tile)
