@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifndef PAGEDLLM_PF
 #define PAGEDLLM_PF 512  // bytes ahead to prefetch: the weight stream is read once, from DRAM
@@ -331,6 +332,22 @@ void dequantize_blocks(const uint8_t* raw, float* out, int64_t begin, int64_t en
   for (int64_t i = begin; i < end; ++i) dequantize_block<TYPE>(raw + i * f.block_bytes, out + i * f.block_values);
 }
 
+// Calls f(std::integral_constant<int, M>) for M in 1..kMaxRows: kernels take the number of
+// rows of x as a compile-time constant, so their accumulators live in registers.
+template <typename F>
+void with_rows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 template <int64_t TYPE, int ROWS>
 void rows_simd(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes, float* y,
                int64_t N, int64_t n0, int64_t n1) {
@@ -346,16 +363,7 @@ void mul_mat_rows(const float* x, int64_t M, int64_t K, const float* xsum, const
                   float* y, int64_t N, int64_t n0, int64_t n1) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q8_0) {
-    switch (M) {
-      case 1: return rows_simd<TYPE, 1>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 2: return rows_simd<TYPE, 2>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 3: return rows_simd<TYPE, 3>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 4: return rows_simd<TYPE, 4>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 5: return rows_simd<TYPE, 5>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 6: return rows_simd<TYPE, 6>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      case 7: return rows_simd<TYPE, 7>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-      default: return rows_simd<TYPE, 8>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
-    }
+    return with_rows(M, [&](auto rows) { rows_simd<TYPE, decltype(rows)::value>(x, K, xsum, raw, row_bytes, y, N, n0, n1); });
   }
 #endif
   rows_generic<TYPE>(x, M, K, raw, row_bytes, y, N, n0, n1);
@@ -453,16 +461,7 @@ void quantize_x(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float
 template <int64_t TYPE>
 void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y,
                      int64_t N, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 1: return rows_q8<TYPE, 1>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 2: return rows_q8<TYPE, 2>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 3: return rows_q8<TYPE, 3>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 4: return rows_q8<TYPE, 4>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 5: return rows_q8<TYPE, 5>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 6: return rows_q8<TYPE, 6>(x, K, raw, row_bytes, y, N, n0, n1);
-    case 7: return rows_q8<TYPE, 7>(x, K, raw, row_bytes, y, N, n0, n1);
-    default: return rows_q8<TYPE, 8>(x, K, raw, row_bytes, y, N, n0, n1);
-  }
+  with_rows(M, [&](auto rows) { rows_q8<TYPE, decltype(rows)::value>(x, K, raw, row_bytes, y, N, n0, n1); });
 }
 #endif
 
