@@ -133,7 +133,7 @@ def run_compare(args) -> int:
 
 
 def _model_bytes(model) -> int:
-    """Bytes read per decode step for the weights: every parameter and buffer of the model, once."""
+    """Bytes read per decode step for the weights: every parameter, buffer and GGUF block tensor, once."""
     import torch
 
     tensors = list(model.parameters()) + list(model.buffers())

@@ -163,7 +163,7 @@ def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: tor
     """A zeroed tensor; on Linux CPUs on transparent huge pages where the kernel allows them (``madvise`` mode).
 
     Decode attention reads scattered 4 KiB tiles of the cache, each of them a TLB miss on 4 KiB
-    pages; on 2 MiB pages the misses are gone.
+    pages; a 2 MiB page covers 512 of them (cold decode attention: 64 -> 49 us a layer here).
     """
     tensor = torch.empty(shape, dtype=dtype, device=device)
     if tensor.device.type == "cpu" and sys.platform == "linux" and tensor.nbytes >= 2 * _HUGE_PAGE:

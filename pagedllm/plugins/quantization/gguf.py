@@ -10,7 +10,7 @@ Kernels (``quantization_kernel``; ``auto`` is ``blocks`` on CPU, ``dequant`` els
   (decode-sized batches; larger ones dequantize a tile of rows and use the float GEMM).
   Same numbers as the dequantized float path up to summation order, so greedy tokens match;
 - ``q8``: as ``blocks``, but decode-sized batches of Q4_0, Q4_1 and Q8_0 round the activations
-  to int8 per 32 values and take integer dot products, as llama.cpp does: about 2x faster
+  to int8 per 32 values and take integer dot products, as llama.cpp does: 1.4-2x faster
   matmuls, logits move by ~0.15 (as llama.cpp's do), so greedy text can differ;
 - ``int4pack``: Q4_0, Q4_1 and Q4_K (32-value sub-blocks with a scale and a min) repacked
   at load for torch's ``_weight_int4pack_mm_for_cpu``: fastest, but its activations, scales
@@ -117,7 +117,7 @@ class _Blocks:
     """Raw blocks multiplied by the C++ kernel (float32); big batches dequantize tiles for the float GEMM.
 
     ``q8``: small batches round the activations to int8 per 32 values and take integer dot
-    products (llama.cpp's arithmetic for these types), about twice as fast.
+    products (llama.cpp's arithmetic for these types), 1.4-2x as fast.
     """
 
     def __init__(self, raw: torch.Tensor, qtype: GGML, in_features: int, kernels, q8: bool = False) -> None:
@@ -135,7 +135,7 @@ class _Blocks:
             rows = self.raw.shape[0]
             y = flat.new_empty(flat.shape[0], rows)
             # a tile's product is a temporary [tokens, tile rows] before it is copied into y: bound it too
-            tile_rows = max(64, min(self.tile_rows, _TILE_ELEMENTS // flat.shape[0]))
+            tile_rows = min(self.tile_rows, max(64, _TILE_ELEMENTS // flat.shape[0]))
             for start in range(0, rows, tile_rows):
                 raw = self.raw[start : start + tile_rows]
                 tile = _scratch(_TILE_ELEMENTS)[: raw.shape[0] * flat.shape[1]].view(raw.shape[0], -1)
