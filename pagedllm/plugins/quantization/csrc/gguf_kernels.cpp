@@ -348,6 +348,7 @@ void with_rows(int64_t M, F&& f) {
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)  // else only rows_generic exists
 template <int64_t TYPE, int ROWS>
 void rows_simd(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes, float* y,
                int64_t N, int64_t n0, int64_t n1) {
@@ -357,6 +358,7 @@ void rows_simd(const float* x, int64_t K, const float* xsum, const uint8_t* raw,
   rows_avx2<TYPE, ROWS>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
 #endif
 }
+#endif
 
 template <int64_t TYPE>
 void mul_mat_rows(const float* x, int64_t M, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
