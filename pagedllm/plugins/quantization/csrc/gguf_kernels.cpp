@@ -191,11 +191,12 @@ inline float hsum(__m256 v) {
 // Rows [n0, n1) of y for up to kMaxRows rows of x: sum over blocks of d * (q . x) + min * sum(x).
 constexpr int64_t kMaxRows = 8;
 
-template <int64_t TYPE, int ROWS>
-void rows_avx2(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
-               float* y, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
-  const int64_t num_blocks = K / 32;
+// The loop both 8-float kernels share: for each weight row n in [n0, n1), walk its blocks
+// (prefetching the stream ahead) and let block(b, blk, acc, acc_min) add block blk's terms
+// for every row of x; then y[m][n] = sum(acc[m]) + acc_min[m].
+template <int ROWS, int64_t BYTES, typename Block>
+inline void accumulate_rows(int64_t num_blocks, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N,
+                            int64_t n0, int64_t n1, Block&& block) {
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[ROWS];
     float acc_min[ROWS];
@@ -205,23 +206,39 @@ void rows_avx2(const float* x, int64_t K, const float* xsum, const uint8_t* raw,
     }
     const uint8_t* row = raw + n * row_bytes;
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      __m256 q[4];
-      float d, minimum;
-      _mm_prefetch(reinterpret_cast<const char*>(row + blk * bytes + PAGEDLLM_PF), _MM_HINT_T0);
-      block_values<TYPE>(row + blk * bytes, q, &d, &minimum);
-      const __m256 vd = _mm256_set1_ps(d);
-      for (int m = 0; m < ROWS; ++m) {
-        const float* xb = x + m * K + blk * 32;
-        __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
-        t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), t);
-        t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), t);
-        t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), t);
-        acc[m] = _mm256_fmadd_ps(vd, t, acc[m]);
-        acc_min[m] += minimum * xsum[m * num_blocks + blk];
-      }
+      const uint8_t* b = row + blk * BYTES;
+      _mm_prefetch(reinterpret_cast<const char*>(b + PAGEDLLM_PF), _MM_HINT_T0);
+      block(b, blk, acc, acc_min);
     }
     for (int m = 0; m < ROWS; ++m) y[m * N + n] = hsum(acc[m]) + acc_min[m];
   }
+}
+
+template <int64_t TYPE>
+constexpr int64_t block_bytes() {
+  return TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
+}
+
+template <int64_t TYPE, int ROWS>
+void rows_avx2(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
+               float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t num_blocks = K / 32;
+  accumulate_rows<ROWS, block_bytes<TYPE>()>(num_blocks, raw, row_bytes, y, N, n0, n1,
+                                             [&](const uint8_t* b, int64_t blk, __m256* acc, float* acc_min) {
+    __m256 q[4];
+    float d, minimum;
+    block_values<TYPE>(b, q, &d, &minimum);
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int m = 0; m < ROWS; ++m) {
+      const float* xb = x + m * K + blk * 32;
+      __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+      t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), t);
+      t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), t);
+      t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), t);
+      acc[m] = _mm256_fmadd_ps(vd, t, acc[m]);
+      acc_min[m] += minimum * xsum[m * num_blocks + blk];
+    }
+  });
 }
 #else
 constexpr int64_t kMaxRows = 8;
@@ -253,7 +270,7 @@ inline void block_values16(const uint8_t* b, __m512* q, float* d, float* minimum
 template <int64_t TYPE, int ROWS>
 void rows_avx512(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
                  float* y, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
+  constexpr int64_t bytes = block_bytes<TYPE>();
   const int64_t num_blocks = K / 32;
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[ROWS];
@@ -394,42 +411,30 @@ struct QuantizedX {
 template <int64_t TYPE, int ROWS>
 void rows_q8(const QuantizedX& x, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N, int64_t n0,
              int64_t n1) {
-  constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
   const int64_t num_blocks = K / 32;
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[ROWS];
-    float acc_min[ROWS];
+  accumulate_rows<ROWS, block_bytes<TYPE>()>(num_blocks, raw, row_bytes, y, N, n0, n1,
+                                             [&](const uint8_t* b, int64_t blk, __m256* acc, float* acc_min) {
+    const float d = f16c(b);
+    __m256i u, w;
+    float minimum = 0.f;
+    if constexpr (TYPE == Q8_0) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+      u = _mm256_sign_epi8(w, w);  // |w|; the sign moves onto x
+    } else {
+      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (TYPE == Q4_0 ? 2 : 4)));
+      u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), mask);  // values 0..15, 16..31
+      minimum = TYPE == Q4_0 ? -8.f * d : f16c(b + 2);
+    }
     for (int m = 0; m < ROWS; ++m) {
-      acc[m] = _mm256_setzero_ps();
-      acc_min[m] = 0.f;
+      const int64_t i = m * num_blocks + blk;
+      __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + blk * 32));
+      if constexpr (TYPE == Q8_0) s = _mm256_sign_epi8(s, w);
+      const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(u, s));
+      acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i]), dot, acc[m]);
+      if constexpr (TYPE != Q8_0) acc_min[m] += minimum * x.s[i];
     }
-    const uint8_t* row = raw + n * row_bytes;
-    for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      const uint8_t* b = row + blk * bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(b + PAGEDLLM_PF), _MM_HINT_T0);
-      const float d = f16c(b);
-      __m256i u, w;
-      float minimum = 0.f;
-      if constexpr (TYPE == Q8_0) {
-        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-        u = _mm256_sign_epi8(w, w);  // |w|; the sign moves onto x
-      } else {
-        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (TYPE == Q4_0 ? 2 : 4)));
-        u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), mask);  // values 0..15, 16..31
-        minimum = TYPE == Q4_0 ? -8.f * d : f16c(b + 2);
-      }
-      for (int m = 0; m < ROWS; ++m) {
-        const int64_t i = m * num_blocks + blk;
-        __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + blk * 32));
-        if constexpr (TYPE == Q8_0) s = _mm256_sign_epi8(s, w);
-        const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(u, s));
-        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i]), dot, acc[m]);
-        if constexpr (TYPE != Q8_0) acc_min[m] += minimum * x.s[i];
-      }
-    }
-    for (int m = 0; m < ROWS; ++m) y[m * N + n] = hsum(acc[m]) + acc_min[m];
-  }
+  });
 }
 
 // x [M, K] -> int8 per 32 values, their scales and the scaled sums of the int8 values.
@@ -471,15 +476,28 @@ void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* r
 
 // x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
 // Every weight block is decoded once and used for all M rows of x (decode-sized batches).
-torch::Tensor gguf_mul_mat(torch::Tensor x, torch::Tensor raw, int64_t type) {
+// The operands of x @ W.T checked (x [M <= kMaxRows, K] float32, raw [N, blocks of K] uint8) and made contiguous.
+struct MulMatArgs {
+  torch::Tensor x, raw;
+  int64_t M, K, N, row_bytes;
+};
+
+MulMatArgs mul_mat_args(torch::Tensor x, torch::Tensor raw, int64_t type, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "gguf_mul_mat takes at most ", kMaxRows, " rows of x");
+  TORCH_CHECK(x.size(0) <= kMaxRows, name, " takes at most ", kMaxRows, " rows of x");
   const Format f = format_of(type);
   x = x.contiguous();
   raw = raw.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
   TORCH_CHECK(K % f.block_values == 0 && row_bytes == K / f.block_values * f.block_bytes, "raw blocks do not match K");
+  return {x, raw, M, K, N, row_bytes};
+}
+
+torch::Tensor gguf_mul_mat(torch::Tensor x_in, torch::Tensor raw_in, int64_t type) {
+  const MulMatArgs a = mul_mat_args(x_in, raw_in, type, "gguf_mul_mat");
+  const torch::Tensor &x = a.x, &raw = a.raw;
+  const int64_t M = a.M, K = a.K, N = a.N, row_bytes = a.row_bytes;  // plain locals: lambdas capture them
   const auto xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();  // per 32 values: the min term's factor
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -503,17 +521,12 @@ torch::Tensor gguf_mul_mat(torch::Tensor x, torch::Tensor raw, int64_t type) {
 
 // The same product with x rounded to int8 per 32 values (Q4_0, Q4_1, Q8_0; other types take
 // gguf_mul_mat's float path). 1.4-2x faster: the blocks are never converted to floats.
-torch::Tensor gguf_mul_mat_q8(torch::Tensor x, torch::Tensor raw, int64_t type) {
+torch::Tensor gguf_mul_mat_q8(torch::Tensor x_in, torch::Tensor raw_in, int64_t type) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if (type == Q4_0 || type == Q4_1 || type == Q8_0) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
-    TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
-    TORCH_CHECK(x.size(0) <= kMaxRows, "gguf_mul_mat_q8 takes at most ", kMaxRows, " rows of x");
-    const Format f = format_of(type);
-    x = x.contiguous();
-    raw = raw.contiguous();
-    const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
-    TORCH_CHECK(K % 32 == 0 && row_bytes == K / 32 * f.block_bytes, "raw blocks do not match K");
+    const MulMatArgs a = mul_mat_args(x_in, raw_in, type, "gguf_mul_mat_q8");
+    const torch::Tensor &x = a.x, &raw = a.raw;
+    const int64_t M = a.M, K = a.K, N = a.N, row_bytes = a.row_bytes;
     thread_local std::vector<int8_t> q;
     thread_local std::vector<float> ds;
     q.resize(M * K);
@@ -533,7 +546,7 @@ torch::Tensor gguf_mul_mat_q8(torch::Tensor x, torch::Tensor raw, int64_t type) 
     return y;
   }
 #endif
-  return gguf_mul_mat(x, raw, type);
+  return gguf_mul_mat(x_in, raw_in, type);
 }
 
 // raw [N, bytes] uint8 -> out [N, K] float32 (a caller's scratch buffer: no page faults per call).
