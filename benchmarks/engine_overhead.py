@@ -43,11 +43,11 @@ class _Timers:
         setattr(obj, attr, timed)
 
 
-def _start_decoding(engine, batch_size: int, prompt_len: int, seed: int) -> None:
+def _start_decoding(engine, batch_size: int, prompt_len: int, seed: int, output_kind: str = "final_only") -> None:
     from pagedllm import SamplingParams
 
     rng = random.Random(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True, output_kind=output_kind)
     for i in range(batch_size):
         engine.add_request(f"r{i}", [rng.randrange(100, engine.vocab_size - 100) for _ in range(prompt_len)], params)
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.hookspecs import hookimpl
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "hookimpl", "__version__"]
+__all__ = ["LLM", "RequestOutputKind", "SamplingParams", "hookimpl", "__version__"]
 
 if TYPE_CHECKING:
     from pagedllm.entrypoints.llm import LLM

@@ -129,13 +129,29 @@ def pieces_ids(tokenizer, parts) -> list[int]:
     return [i for text, as_bytes in parts for i in (byte_ids if as_bytes else encode)(tokenizer, text)]
 
 
-@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow"])
+def bytelevel_tokenizer(decoder: str, monkeypatch):
+    """BYTELEVEL decoded by the token-byte table ("table"), DecodeStream ("stream") or the window ("slow")."""
+    if decoder == "stream":
+        monkeypatch.setattr(detokenizer_module, "_byte_level_pieces", lambda *args: None)
+    return SlowTokenizer(BYTELEVEL) if decoder == "slow" else BYTELEVEL
+
+
+DECODERS = ["table", "stream", "slow"]
+
+
+def test_only_bytelevel_tokenizers_decode_by_table():
+    assert isinstance(IncrementalDetokenizer(BYTELEVEL, [])._decoder, detokenizer_module._ByteLevelDecoder)
+    assert not isinstance(IncrementalDetokenizer(METASPACE, [])._decoder, detokenizer_module._ByteLevelDecoder)
+    assert not isinstance(IncrementalDetokenizer(SlowTokenizer(BYTELEVEL), [])._decoder, detokenizer_module._ByteLevelDecoder)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 @SETTINGS
 @given(prompt=pieces, output=pieces, chunk_sizes=chunkings, skip=st.booleans())
-def test_bytelevel_output_equals_decode(slow, prompt, output, chunk_sizes, skip):
+def test_bytelevel_output_equals_decode(decoder, monkeypatch, prompt, output, chunk_sizes, skip):
     prompt_ids, output_ids = pieces_ids(BYTELEVEL, prompt), pieces_ids(BYTELEVEL, output)
     output_ids += BYTELEVEL.convert_tokens_to_ids(["<|im_end|>"])
-    tokenizer = SlowTokenizer(BYTELEVEL) if slow else BYTELEVEL
+    tokenizer = bytelevel_tokenizer(decoder, monkeypatch)
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip)
     stream(detok, output_ids, chunk_sizes)
     assert detok.output_text == BYTELEVEL.decode(output_ids, skip_special_tokens=skip)
@@ -152,14 +168,14 @@ def test_metaspace_output_continues_prompt(prompt, output, chunk_sizes):
     assert METASPACE.decode(prompt_ids) + detok.output_text == METASPACE.decode(prompt_ids + output_ids)
 
 
-@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow"])
+@pytest.mark.parametrize("decoder", DECODERS)
 @SETTINGS
 @given(data=st.data(), skip=st.booleans())
-def test_arbitrary_ids_equal_decode(slow, data, skip):
+def test_arbitrary_ids_equal_decode(decoder, monkeypatch, data, skip):
     """Even invalid UTF-8 (random bytes) ends up as tokenizer.decode renders it."""
     ids = st.lists(st.integers(0, len(BYTELEVEL) - 1), max_size=20)
     prompt_ids, output_ids = data.draw(ids), data.draw(ids)
-    tokenizer = SlowTokenizer(BYTELEVEL) if slow else BYTELEVEL
+    tokenizer = bytelevel_tokenizer(decoder, monkeypatch)
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip)
     stream(detok, output_ids, data.draw(chunkings), plain=False)
     assert detok.output_text == BYTELEVEL.decode(output_ids, skip_special_tokens=skip)
@@ -214,6 +230,7 @@ def test_decode_stream_failure_falls_back(monkeypatch):
             return self.stream.step(tokenizer, token_id)
 
     monkeypatch.setattr(detokenizer_module, "DecodeStream", FlakyStream)
+    monkeypatch.setattr(detokenizer_module, "_byte_level_pieces", lambda *args: None)
     ids = byte_ids(BYTELEVEL, "🎉") + encode(BYTELEVEL, " café 世界")  # fails inside the emoji
     detok = IncrementalDetokenizer(BYTELEVEL, encode(BYTELEVEL, "Hi"))
     stream(detok, ids)
@@ -361,12 +378,16 @@ def smollm2():
     tokenizer_config.pop("chat_template", None)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
-def test_smollm2_tokenizer(smollm2):
+@pytest.mark.parametrize("decoder", ["table", "stream"])
+def test_smollm2_tokenizer(smollm2, decoder, monkeypatch):
+    if decoder == "stream":
+        monkeypatch.setattr(detokenizer_module, "_byte_level_pieces", lambda *args: None)
     prompt_ids = smollm2.encode("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
     text = "Sure: 世界 means world 🌍, café ok. 👍🏽 Done!<|im_end|>"
     output_ids = smollm2.encode(text)
     for skip in (True, False):
         detok = IncrementalDetokenizer(smollm2, prompt_ids, skip_special_tokens=skip)
+        assert isinstance(detok._decoder, detokenizer_module._ByteLevelDecoder) == (decoder == "table")
         stream(detok, output_ids)
         assert detok.output_text == smollm2.decode(output_ids, skip_special_tokens=skip)
     detok = IncrementalDetokenizer(smollm2, prompt_ids, skip_special_tokens=False, stop=["<|im_end|>", "Done"])

@@ -101,6 +101,61 @@ def test_stop_string_truncates_text(llm):
     assert llm.generate([PROMPT], kept)[0].outputs[0].text == full[: full.index(stop) + len(stop)]
 
 
+def test_stop_string_before_min_tokens_does_not_stop_or_truncate(llm):
+    full = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].outputs[0]
+    stop = full.text[1:3]  # ends inside the first few tokens
+    texts = [llm.engine.tokenizer.decode(full.token_ids[:i]) for i in range(17)]
+    first_token_with_stop = next(i for i, t in enumerate(texts) if stop in t)
+    held = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop], min_tokens=first_token_with_stop + 2)
+    out = llm.generate([PROMPT], held)[0].outputs[0]
+    # min_tokens hides the early match; a later complete occurrence (if any) may stop it.
+    later = full.text.find(stop, len(texts[first_token_with_stop + 1]) - len(stop) + 1)
+    if later < 0:
+        assert (out.text, out.finish_reason) == (full.text, "length")
+    else:
+        assert out.text == full.text[:later] and out.finish_reason == "stop"
+
+
+def _stream_outputs(engine, request_id, params):
+    engine.add_request(request_id, PROMPT, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
+
+
+def test_output_kinds_cumulative_delta_and_final_only(llm):
+    from pagedllm import RequestOutputKind
+
+    base = dict(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2, n=2)
+    engine = llm.engine
+    cumulative = _stream_outputs(engine, "cum", SamplingParams(**base))
+    delta = _stream_outputs(engine, "delta", SamplingParams(**base, output_kind=RequestOutputKind.DELTA))
+    final = _stream_outputs(engine, "final", SamplingParams(**base, output_kind="final_only"))
+    assert len(cumulative) == len(delta) >= 9 and len(final) == 1 and final[0].finished
+    last = cumulative[-1]
+    for i in range(2):
+        assert final[0].outputs[i].token_ids == last.outputs[i].token_ids
+        assert final[0].outputs[i].text == last.outputs[i].text
+        # Deltas add up to the cumulative output, token ids, text and logprobs alike.
+        assert [t for o in delta for t in o.outputs[i].token_ids] == last.outputs[i].token_ids
+        assert "".join(o.outputs[i].text for o in delta) == last.outputs[i].text
+        assert [p for o in delta for p in o.outputs[i].logprobs] == last.outputs[i].logprobs
+        assert delta[-1].outputs[i].cumulative_logprob == pytest.approx(last.outputs[i].cumulative_logprob)
+    assert max(len(o.outputs[0].token_ids) for o in delta) == 1
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="partial")
+
+
+def test_detokenize_false_gives_token_ids_only(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    out = llm.generate([PROMPT], params)[0].outputs[0]
+    bare = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False))[0].outputs[0]
+    assert bare.token_ids == out.token_ids and out.text and bare.text == ""
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
+
+
 def test_prompt_logprobs_and_logprobs_have_ranks(llm):
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=3, logprobs=5, prompt_logprobs=2))[0]
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPT)

@@ -22,7 +22,7 @@ from pagedllm.core.plugins import PluginManager, build_plugin_manager
 from pagedllm.core.quantization import process_weights_after_loading, resolve_quantization
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, bad_words_to_token_ids, compute_logprobs
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which leaves no room to generate")
         params.validate_for_vocab(self.vocab_size)
         params._eos_token_ids = set(self.eos_token_ids)
+        params._stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         if params.bad_words:
             params._bad_words_token_ids = bad_words_to_token_ids(params.bad_words, self.tokenizer)
         if params.structured_outputs is not None:
@@ -170,12 +171,13 @@ class LLMEngine:
                 request.generator = torch.Generator(device=self.device).manual_seed(child_params.seed)
             if child_params.prompt_logprobs is not None:
                 request.prompt_logprobs = [None] * len(token_ids)
-            request.extra["detokenizer"] = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids,
-                skip_special_tokens=child_params.skip_special_tokens,
-                spaces_between_special_tokens=child_params.spaces_between_special_tokens,
-                stop=child_params.stop, include_stop_str_in_output=child_params.include_stop_str_in_output,
-            )
+            if child_params.detokenize:
+                request.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids,
+                    skip_special_tokens=child_params.skip_special_tokens,
+                    spaces_between_special_tokens=child_params.spaces_between_special_tokens,
+                    stop=child_params.stop, include_stop_str_in_output=child_params.include_stop_str_in_output,
+                )
             children.append(request)
         self._parents[request_id] = _Parent(request_id, text, list(token_ids), children, time.monotonic())
         if params.structured_outputs is not None:
@@ -223,18 +225,28 @@ class LLMEngine:
             lps = compute_logprobs(logits, targets, num_top)
             request.prompt_logprobs[first_pos : first_pos + len(lps)] = self._decode_logprobs(lps)
 
-        touched = {r.parent_id or r.req_id for r in batch.requests}
+        # Parents to report: all that made progress, but FINAL_ONLY ones only once finished.
+        final_only = RequestOutputKind.FINAL_ONLY
+        touched = {r.parent_id or r.req_id for r in batch.requests if r.sampling_params.output_kind != final_only}
         if model_output.sampling_requests:
             sampled = self.sampler.sample(model_output.logits, model_output.sampling_requests)
             now = time.monotonic()
+            check_stop = self._check_stop
             for request, token_id, lp in zip(model_output.sampling_requests, sampled.token_ids, sampled.logprobs):
                 request.output_token_ids.append(token_id)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 if lp is not None:
                     request.output_logprobs.append(self._decode_logprobs([lp])[0])
-                self._check_stop(request, token_id)
-        return failed + [self._make_output(self._parents[p]) for p in touched if p in self._parents]
+                if check_stop(request, token_id):
+                    touched.add(request.parent_id or request.req_id)
+        outputs = failed
+        for parent_id in touched:
+            parent = self._parents.get(parent_id)
+            if parent is not None and (parent.children[0].sampling_params.output_kind != final_only
+                                       or all(r.is_finished for r in parent.children)):
+                outputs.append(self._make_output(parent))
+        return outputs
 
     def _admit_guided(self) -> list[RequestOutput]:
         """Queue the guided requests whose constraint is compiled; end those whose compile failed."""
@@ -256,33 +268,36 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
-    def _check_stop(self, request: Request, token_id: int) -> None:
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        """Feed the new token to the detokenizer; finish the request if it stops here (return True)."""
         params = request.sampling_params
-        stop_token = request.num_output_tokens >= params.min_tokens and (
-            (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids)
+        detokenizer = request.detokenizer
+        may_stop = len(request.output_token_ids) >= params.min_tokens
+        stop_token = may_stop and token_id in params._stop_ids
         # A stop token (EOS or stop_token_ids) ends the text without joining it, as in vLLM, even
         # with skip_special_tokens=False (which tool parsing uses to see call markers).
         stop_str = None
-        if not stop_token or params.include_stop_str_in_output:
-            stop_str = request.extra["detokenizer"].append([token_id])
+        if detokenizer is not None and (not stop_token or params.include_stop_str_in_output):
+            stop_str = detokenizer.append((token_id,), may_stop)
         reason: str | None = None
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                reason = "stop"
-            elif token_id in params.stop_token_ids:
-                reason, request.stop_reason = "stop", token_id
-            elif stop_str is not None:
-                reason, request.stop_reason = "stop", stop_str
-        guided = request.extra.get(GUIDED_KEY)
-        if reason is None and guided is not None and guided.accept(request):
+        if stop_token:
+            reason = "stop"
+            if params.ignore_eos or token_id not in params._eos_token_ids:
+                request.stop_reason = token_id
+        elif stop_str is not None:
+            reason, request.stop_reason = "stop", stop_str
+        if reason is None and GUIDED_KEY in request.extra and request.extra[GUIDED_KEY].accept(request):
             reason = "stop"  # the constraint is complete (or broken)
         if reason is None and request.num_tokens >= request.max_total_tokens:
             reason = "length"
-        if reason is not None:
-            request.finish_reason = reason
-            request.extra["detokenizer"].finish()
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
-            self.scheduler.finish_request(request.req_id, status)
+        if reason is None:
+            return False
+        request.finish_reason = reason
+        if detokenizer is not None:
+            detokenizer.finish()
+        status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+        self.scheduler.finish_request(request.req_id, status)
+        return True
 
     def _decode_logprobs(self, positions: list) -> list:
         for position in positions:
@@ -293,16 +308,21 @@ class LLMEngine:
     def _make_output(self, parent: _Parent) -> RequestOutput:
         completions = []
         for request in parent.children:
-            lps = request.output_logprobs if request.sampling_params.logprobs is not None else None
+            params = request.sampling_params
+            delta = params.output_kind == RequestOutputKind.DELTA
+            new_text = request.detokenizer.get_delta() if request.detokenizer is not None else ""
+            request.text += new_text
+            first = request.num_sent_tokens if delta else 0
+            lps = request.output_logprobs[first:] if params.logprobs is not None else None
             cumulative = None
             if lps is not None:
-                cumulative = sum(pos[t].logprob for pos, t in zip(lps, request.output_token_ids))
+                cumulative = sum(pos[t].logprob for pos, t in zip(request.output_logprobs, request.output_token_ids))
             completions.append(CompletionOutput(
-                index=request.index, text=_stable_text(request),
-                token_ids=list(request.output_token_ids), cumulative_logprob=cumulative,
-                logprobs=list(lps) if lps is not None else None,
+                index=request.index, text=new_text if delta else request.text,
+                token_ids=request.output_token_ids[first:], cumulative_logprob=cumulative, logprobs=lps,
                 finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             ))
+            request.num_sent_tokens = len(request.output_token_ids)
         finished = all(c.finished for c in completions)
         first = parent.children[0]
         metrics = RequestMetrics(
@@ -316,16 +336,6 @@ class LLMEngine:
             prompt_logprobs=list(first.prompt_logprobs) if first.sampling_params.prompt_logprobs is not None else None,
             metrics=metrics, num_cached_tokens=first.num_cached_tokens,
         )
-
-
-def _stable_text(request: Request) -> str:
-    """The output text so far minus a tail that may still begin a stop string.
-
-    Cumulative outputs then only grow: a streaming client never sees text taken back.
-    """
-    text = request.extra.get("text", "") + request.extra["detokenizer"].get_delta()
-    request.extra["text"] = text
-    return text
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class ModelRunner:
         chunks: list[tuple[int, int, list[int]]] = []  # prefill chunks: (start, end, block table)
         seq_lens: list[int] = []
         starts = [0]
-        tables = [self.kv_cache.block_table(r.req_id) for r in batch.requests]
+        tables = self.kv_cache.block_tables([r.req_id for r in batch.requests])
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
         for i, (request, num, table) in enumerate(zip(batch.requests, batch.num_scheduled_tokens, tables)):
@@ -113,12 +114,14 @@ class ModelRunner:
             starts.append(starts[-1] + num)
 
         num_tokens, num_reqs = starts[-1], len(tables)
-        max_blocks = max(len(t) for t in tables)
+        table_lens = np.fromiter(map(len, tables), np.int64, num_reqs)
+        max_blocks = int(table_lens.max())
         block_tables = self._buffer("block_tables", num_reqs * max_blocks).view(num_reqs, max_blocks)
         rows = block_tables.numpy()
         rows.fill(0)
-        for row, table in zip(rows, tables):
-            row[: len(table)] = table
+        # All rows at once: the tables' ids, flattened, land where a row's column < its length.
+        rows[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
         position_buf, slot_buf = self._buffer("positions", num_tokens), self._buffer("slots", num_tokens)
         position_np, slot_np = position_buf.numpy(), slot_buf.numpy()
         num_single = len(positions)  # single-token steps come first (the scheduler orders them so)

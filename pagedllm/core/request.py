@@ -69,6 +69,12 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    #: The request's IncrementalDetokenizer (None with ``detokenize=False``).
+    detokenizer: Any = None
+    #: The output text handed out so far (stable: no tail that may still begin a stop string).
+    text: str = ""
+    #: Output tokens already handed out in ``DELTA`` outputs.
+    num_sent_tokens: int = 0
     #: Opaque per-request state that plugins (detokenizer, guided decoding) keep here.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -75,6 +76,17 @@ class StructuredOutputsParams:
 GuidedDecodingParams = StructuredOutputsParams
 
 
+class RequestOutputKind(enum.IntEnum):
+    """Which outputs ``LLMEngine.step()`` returns for a request (vLLM's enum, same values)."""
+
+    #: Every step: the whole text and token ids so far.
+    CUMULATIVE = 0
+    #: Every step: only the text, token ids and logprobs new since the previous output.
+    DELTA = 1
+    #: Only the finished output (what ``LLM.generate`` uses: no per-step output building).
+    FINAL_ONLY = 2
+
+
 @dataclass
 class SamplingParams:
     """Sampling parameters of one request, with vLLM's names and defaults.
@@ -135,10 +147,14 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     #: vLLM's older name for ``structured_outputs``.
     guided_decoding: StructuredOutputsParams | dict[str, Any] | None = None
+    #: Which outputs ``step()`` returns: cumulative ones every step (default), deltas, or the final one only.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
-    # Filled by the engine: the token-id form of ``bad_words`` and the model's EOS.
+    # Filled by the engine: the token-id form of ``bad_words``, the model's EOS and the stop ids.
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)
+    #: The token ids that end the request once ``min_tokens`` are out: ``stop_token_ids``, plus EOS unless ignored.
+    _stop_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -150,6 +166,13 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.output_kind, str) and self.output_kind.upper() in RequestOutputKind.__members__:
+            self.output_kind = RequestOutputKind[self.output_kind.upper()]
+        elif not isinstance(self.output_kind, bool) and self.output_kind in set(RequestOutputKind):
+            self.output_kind = RequestOutputKind(self.output_kind)
+        else:
+            raise ValueError(f"SamplingParams.output_kind must be one of {', '.join(k.name for k in RequestOutputKind)}, "
+                             f"got {self.output_kind!r}")
         self._validate()
         self._resolve_structured_outputs()
 
@@ -196,6 +219,7 @@ class SamplingParams:
             "must be an integer >= 0",
         )
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(self.detokenize or not self.stop, "stop", "needs detokenize=True (stop strings are matched in the text)")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         check(all(isinstance(w, str) and w for w in self.bad_words), "bad_words", "must be non-empty strings")
         if self.logit_bias is not None:

@@ -11,7 +11,7 @@ from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.plugins import PluginManager
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
@@ -53,6 +53,15 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+
+        # Only finished outputs are returned, so the engine need not build one every step
+        # (as vLLM's LLM does). The caller's objects are left as they are.
+        final_only: dict[int, SamplingParams] = {}
+        for params in params_list:
+            if id(params) not in final_only:
+                final_only[id(params)] = params.clone()
+                final_only[id(params)].output_kind = RequestOutputKind.FINAL_ONLY
+        params_list = [final_only[id(params)] for params in params_list]
 
         request_ids = []
         try:

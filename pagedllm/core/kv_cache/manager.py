@@ -49,6 +49,11 @@ class KVCacheManager:
         """A copy of the request's block ids, in order ([] if unknown)."""
         return list(self._block_tables.get(req_id, ()))
 
+    def block_tables(self, req_ids: Sequence[str]) -> list[Sequence[int]]:
+        """The block ids of each request, without copying: read them before the next allocation."""
+        tables, empty = self._block_tables, ()
+        return [tables.get(req_id, empty) for req_id in req_ids]
+
     def match_prefix(self, req_id: str, token_ids: Sequence[int]) -> int:
         """Give a new request the cached blocks matching its prompt; return the tokens they cover.
 
@@ -89,12 +94,21 @@ class KVCacheManager:
         when there are not enough allocatable blocks.
         """
         bs = self.block_size
+        table = self._block_tables.get(req_id)
+        if num_new_tokens == 1 and table and 0 <= num_computed_tokens < len(token_ids):
+            # A decode step writing into a private, partial block it leaves partial (15 of every
+            # 16 steps): nothing to allocate, copy or hash.
+            i = num_computed_tokens // bs
+            if i < len(table) and (num_computed_tokens + 1) % bs:
+                block = self.block_pool.blocks[table[i]]
+                if block.ref_count == 1 and block.block_hash is None:
+                    return []
         num_tokens = num_computed_tokens + num_new_tokens
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(f"token counts must be >= 0, got {num_computed_tokens=} {num_new_tokens=}")
         if len(token_ids) < num_tokens:
             raise ValueError(f"request {req_id!r}: {len(token_ids)} token_ids, need {num_tokens}")
-        table = self._block_tables.get(req_id, [])
+        table = table or []
         if num_computed_tokens > len(table) * bs:
             raise ValueError(
                 f"request {req_id!r}: {num_computed_tokens} computed tokens but the block table covers {len(table) * bs}"

@@ -14,6 +14,10 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -180,8 +184,88 @@ void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, 
 }
 
 // Index of each row's maximum, the first one on ties (NaN counts as the maximum), like
-// torch.argmax: [rows, n] float32 -> [rows] int64. Two vectorised passes (max, then find)
-// instead of torch's index-carrying reduction, which is ~10x slower on wide rows.
+// torch.argmax: [rows, n] float32 -> [rows] int64. Two vectorised passes (the maximum, then
+// its first position, read back from L1/L2) instead of torch's index-carrying reduction.
+// The maximum pass keeps four independent vector accumulators (the compiler's one-accumulator
+// loop ran at 17 GB/s on a row in L2): a call on one hot 49,152-float row went 11.5 -> 6.5 us,
+// on 64 cold rows 0.75 -> 0.56 ms (2 threads, Zen 4).
+inline int64_t first_equal_scalar(const float* x, int64_t start, int64_t n, float m) {
+  for (int64_t i = start; i < n; ++i)
+    if (x[i] == m) return i;
+  return -1;
+}
+
+#if defined(__AVX512F__)
+inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  __m512 m0 = _mm512_set1_ps(lowest), m1 = m0, m2 = m0, m3 = m0;
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    const __m512 c = _mm512_loadu_ps(x + i + 32), d = _mm512_loadu_ps(x + i + 48);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a), m1 = _mm512_max_ps(m1, b), m2 = _mm512_max_ps(m2, c), m3 = _mm512_max_ps(m3, d);
+  }
+  float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  bool has_nan = nan != 0;
+  for (int64_t j = i; j < n; ++j) {
+    has_nan |= x[j] != x[j];
+    m = m > x[j] ? m : x[j];
+  }
+  if (!has_nan) {
+    const __m512 mv = _mm512_set1_ps(m);
+    int64_t k = 0;
+    for (; k + 64 <= n; k += 64) {
+      const uint64_t hits = static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), mv, _CMP_EQ_OQ)) |
+                            static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + k + 16), mv, _CMP_EQ_OQ)) << 16 |
+                            static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + k + 32), mv, _CMP_EQ_OQ)) << 32 |
+                            static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + k + 48), mv, _CMP_EQ_OQ)) << 48;
+      if (hits) return k + __builtin_ctzll(hits);
+    }
+    return first_equal_scalar(x, k, n, m);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] != x[j]) return j;
+  return 0;
+}
+#elif defined(__AVX2__)
+inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  __m256 m0 = _mm256_set1_ps(lowest), m1 = m0, m2 = m0, m3 = m0, nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+    m0 = _mm256_max_ps(m0, a), m1 = _mm256_max_ps(m1, b), m2 = _mm256_max_ps(m2, c), m3 = _mm256_max_ps(m3, d);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  float m = lowest;
+  for (float v : lanes) m = m > v ? m : v;
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t j = i; j < n; ++j) {
+    has_nan |= x[j] != x[j];
+    m = m > x[j] ? m : x[j];
+  }
+  if (!has_nan) {
+    const __m256 mv = _mm256_set1_ps(m);
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+      const uint32_t hits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k), mv, _CMP_EQ_OQ))) |
+                            static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k + 8), mv, _CMP_EQ_OQ))) << 8 |
+                            static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k + 16), mv, _CMP_EQ_OQ))) << 16 |
+                            static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + k + 24), mv, _CMP_EQ_OQ))) << 24;
+      if (hits) return k + __builtin_ctz(hits);
+    }
+    return first_equal_scalar(x, k, n, m);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] != x[j]) return j;
+  return 0;
+}
+#else
 inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int nan = 0;
@@ -190,22 +274,12 @@ inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
     m = m > x[i] ? m : x[i];
     nan |= x[i] != x[i] ? 1 : 0;
   }
-  if (!nan) {
-    constexpr int64_t kChunk = 64;  // find the first maximum a vector test per chunk at a time
-    for (int64_t start = 0; start < n; start += kChunk) {
-      const int64_t end = std::min(start + kChunk, n);
-      int hit = 0;
-#pragma omp simd reduction(| : hit)
-      for (int64_t i = start; i < end; ++i) hit |= x[i] == m ? 1 : 0;
-      if (hit)
-        for (int64_t i = start; i < end; ++i)
-          if (x[i] == m) return i;
-    }
-  }
+  if (!nan) return first_equal_scalar(x, 0, n, m);
   for (int64_t i = 0; i < n; ++i)
     if (x[i] != x[i]) return i;
   return 0;
 }
+#endif
 
 at::Tensor argmax_rows(const at::Tensor& x) {
   RECORD_FUNCTION("pagedllm::argmax_rows", std::vector<c10::IValue>({x}));
