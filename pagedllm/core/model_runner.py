@@ -77,43 +77,41 @@ class ModelRunner:
     def _prepare(self, batch: ScheduledBatch):
         """The step's flat tensors: token ids, positions and the attention metadata.
 
-        Plain Python for single-token steps (most of a batch), numpy for prefill chunks; the
-        results land in persistent buffers rather than new tensors.
+        One Python pass reads each request's position and next token; positions, slots and
+        block tables are then computed by numpy for the whole batch, into persistent buffers
+        rather than new tensors. Prefill chunks (after the single-token steps) add ranges.
         """
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        chunks: list[tuple[int, int, list[int]]] = []  # prefill chunks: (start, end, block table)
-        seq_lens: list[int] = []
-        starts = [0]
-        tables = self.kv_cache.block_tables([r.req_id for r in batch.requests])
+        requests, nums = batch.requests, batch.num_scheduled_tokens
+        num_reqs = len(requests)
+        tables = self.kv_cache.block_tables([r.req_id for r in requests])
+        computed = [r.num_computed_tokens for r in requests]
+        num_single = 0  # single-token steps come first (the scheduler orders them so)
+        while num_single < num_reqs and nums[num_single] == 1:
+            num_single += 1
+        if any(n == 1 for n in nums[num_single:]):
+            raise ValueError("the batch must list single-token steps before prefill chunks")
+
+        ids = [_token_at(r, start) for r, start in zip(requests[:num_single], computed)]
+        starts = [0, *itertools.accumulate(nums)]
+        seq_lens = [start + num for start, num in zip(computed, nums)]
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
-        for i, (request, num, table) in enumerate(zip(batch.requests, batch.num_scheduled_tokens, tables)):
-            start = request.num_computed_tokens
-            end = start + num
-            prompt_ids, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
-            if num == 1:
-                if chunks:
-                    raise ValueError("the batch must list single-token steps before prefill chunks")
-                ids.append(prompt_ids[start] if start < num_prompt else request.output_token_ids[start - num_prompt])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                ids.extend(prompt_ids[start:end] if end <= num_prompt else request.all_token_ids[start:end])
-                chunks.append((start, end, table))
-            seq_lens.append(end)
-            if end >= num_prompt + request.num_output_tokens:
+        for i in range(num_single, num_reqs):
+            request, start, end = requests[i], computed[i], seq_lens[i]
+            ids.extend(request.prompt_token_ids[start:end] if end <= request.num_prompt_tokens else request.all_token_ids[start:end])
+        for i, (request, end) in enumerate(zip(requests, seq_lens)):
+            if end >= request.num_tokens:
                 sample_rows.append(i)
             # Prompt logprobs: logits at prompt positions predict the next prompt token.
             if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
+                start, num_prompt = computed[i], request.num_prompt_tokens
                 last = min(end, num_prompt - 1)
                 if last > start:
-                    prompt_rows[request.req_id] = (starts[-1], starts[-1] + last - start, prompt_ids[start + 1 : last + 1], start + 1)
-            starts.append(starts[-1] + num)
+                    prompt_rows[request.req_id] = (starts[i], starts[i] + last - start,
+                                                   request.prompt_token_ids[start + 1 : last + 1], start + 1)
 
-        num_tokens, num_reqs = starts[-1], len(tables)
+        num_tokens = starts[-1]
         table_lens = np.fromiter(map(len, tables), np.int64, num_reqs)
         max_blocks = int(table_lens.max())
         block_tables = self._buffer("block_tables", num_reqs * max_blocks).view(num_reqs, max_blocks)
@@ -124,32 +122,32 @@ class ModelRunner:
             itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
         position_buf, slot_buf = self._buffer("positions", num_tokens), self._buffer("slots", num_tokens)
         position_np, slot_np = position_buf.numpy(), slot_buf.numpy()
-        num_single = len(positions)  # single-token steps come first (the scheduler orders them so)
-        position_np[:num_single] = positions
-        slot_np[:num_single] = slots
-        offset = num_single
-        for start, end, table in chunks:
-            p = np.arange(start, end)
-            position_np[offset : offset + end - start] = p
-            slot_np[offset : offset + end - start] = np.asarray(table)[p // bs] * bs + p % bs
-            offset += end - start
+        p = position_np[:num_single]
+        p[:] = computed[:num_single]
+        slot_np[:num_single] = rows[np.arange(num_single), p // bs] * bs + p % bs
+        for i in range(num_single, num_reqs):
+            offset, p = starts[i], np.arange(computed[i], seq_lens[i])
+            position_np[offset : offset + len(p)] = p
+            slot_np[offset : offset + len(p)] = rows[i, p // bs] * bs + p % bs
         input_ids = self._buffer("input_ids", num_tokens)
         input_ids.numpy()[:] = ids
         seq_len_buf, start_buf = self._buffer("seq_lens", num_reqs), self._buffer("starts", num_reqs + 1)
         seq_len_buf.numpy()[:] = seq_lens
         start_buf.numpy()[:] = starts
-        dev = self.device
         metadata = AttentionMetadata(
-            slot_mapping=slot_buf.to(dev),
-            block_tables=block_tables.to(dev),
-            seq_lens=seq_len_buf.to(dev),
-            query_start_loc=start_buf.to(dev),
+            slot_mapping=self._to_device(slot_buf),
+            block_tables=self._to_device(block_tables),
+            seq_lens=self._to_device(seq_len_buf),
+            query_start_loc=self._to_device(start_buf),
             num_decodes=num_single,
             block_size=bs,
             seq_lens_list=seq_lens,
             query_start_loc_list=starts,
         )
-        return input_ids.to(dev), position_buf.to(dev), metadata, sample_rows, prompt_rows
+        return self._to_device(input_ids), self._to_device(position_buf), metadata, sample_rows, prompt_rows
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def _buffer(self, name: str, size: int) -> torch.Tensor:
         """The first ``size`` elements of a persistent int64 CPU buffer (grown as needed).
@@ -160,6 +158,12 @@ class ModelRunner:
         if buf is None or buf.numel() < size:
             buf = self._buffers[name] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
         return buf[:size]
+
+
+def _token_at(request: Request, position: int) -> int:
+    """The request's token at ``position`` (prompt, then output)."""
+    num_prompt = len(request.prompt_token_ids)
+    return request.prompt_token_ids[position] if position < num_prompt else request.output_token_ids[position - num_prompt]
 
 
 def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -28,7 +28,9 @@ def _load_ops():
         load(
             name="pagedllm_fused_ops",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
+            # -fopenmp: without it ATen's parallel_for (an inline template) compiles to a serial loop.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
