@@ -76,5 +76,7 @@ def test_argmax_matches_torch_including_ties_and_nan():
     logits[2] = float("-inf")
     logits[3, [7, 900]] = float("nan")  # NaN counts as the maximum
     logits[4] = 0.0
-    for x in (logits, logits[:, 1:], torch.randn(1, 1)):
+    ties = torch.randint(0, 3, (16, 1037)).float()  # many equal maxima in every vector lane
+    ties[5, -1] = float("inf")  # a maximum in the row's tail past the last full vector
+    for x in (logits, logits[:, 1:], torch.randn(1, 1), ties, ties[:, 3:]):
         assert torch.equal(fused.argmax(x), x.argmax(dim=-1))

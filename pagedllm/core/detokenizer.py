@@ -253,8 +253,9 @@ class IncrementalDetokenizer:
         """
         if self.stop_str is not None or self.is_finished:
             return None
+        step = self._decoder.step
         for token_id in token_ids:
-            text = self._decoder.step(token_id)
+            text = step(token_id)
             if self._bare_special_texts:
                 bare = self._bare_special_texts.get(token_id)
                 if bare is not None and self._prev_is_special:

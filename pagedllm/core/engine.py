@@ -288,7 +288,7 @@ class LLMEngine:
             reason, request.stop_reason = "stop", stop_str
         if reason is None and GUIDED_KEY in request.extra and request.extra[GUIDED_KEY].accept(request):
             reason = "stop"  # the constraint is complete (or broken)
-        if reason is None and request.num_tokens >= request.max_total_tokens:
+        if reason is None and len(request.prompt_token_ids) + len(request.output_token_ids) >= request.max_total_tokens:
             reason = "length"
         if reason is None:
             return False

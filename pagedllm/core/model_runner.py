@@ -101,10 +101,10 @@ class ModelRunner:
             request, start, end = requests[i], computed[i], seq_lens[i]
             ids.extend(request.prompt_token_ids[start:end] if end <= request.num_prompt_tokens else request.all_token_ids[start:end])
         for i, (request, end) in enumerate(zip(requests, seq_lens)):
-            if end >= request.num_tokens:
+            if end >= len(request.prompt_token_ids) + len(request.output_token_ids):
                 sample_rows.append(i)
             # Prompt logprobs: logits at prompt positions predict the next prompt token.
-            if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
+            if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
                 start, num_prompt = computed[i], request.num_prompt_tokens
                 last = min(end, num_prompt - 1)
                 if last > start:

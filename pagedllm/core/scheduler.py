@@ -105,6 +105,7 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
+        allocate_slots = self.kv_cache.allocate_slots
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
@@ -112,7 +113,7 @@ class Scheduler:
                 i += 1
                 continue
             while True:
-                copies = self.kv_cache.allocate_slots(request.req_id, _TokenIds(request), request.num_computed_tokens, num_new)
+                copies = allocate_slots(request.req_id, _TokenIds(request), request.num_computed_tokens, num_new)
                 if copies is not None:
                     break
                 victim = self.running[-1]
@@ -162,13 +163,14 @@ class Scheduler:
             self.waiting.extendleft(reversed(skipped))
 
         # Single-token steps first: the attention backend batches them together.
-        scheduled.sort(key=lambda item: item[1] != 1)
+        if any(n != 1 for _, n in scheduled):
+            scheduled.sort(key=lambda item: item[1] != 1)
         batch.requests = [r for r, _ in scheduled]
         batch.num_scheduled_tokens = [n for _, n in scheduled]
         return batch
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        num_new = request.num_tokens - request.num_computed_tokens
+        num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
         if num_new > budget:
             num_new = budget if self.config.enable_chunked_prefill else 0
         return num_new
@@ -200,7 +202,7 @@ class Scheduler:
         sampling: list[Request] = []
         for request, num in zip(batch.requests, batch.num_scheduled_tokens):
             request.num_computed_tokens += num
-            if request.num_computed_tokens >= request.num_tokens:
+            if request.num_computed_tokens >= len(request.prompt_token_ids) + len(request.output_token_ids):
                 sampling.append(request)
         return sampling
 
