@@ -4,7 +4,9 @@ The embedded SmolLM2 (its tokenizer, 49,152-token vocabulary and embedding) with
 decoder layers removed and its LM head replaced by fixed random logits, so a decode step
 is only: the scheduler, the runner's batch preparation, embedding + final norm, the
 sampler (greedy: argmax over the vocabulary), the detokenizer and the output building.
-The target (issue 6) is at most 1 ms per step at batch 64. For scale, the same run first
+The target (issue 6) is at most 1 ms per step at batch 64. Each batch size is timed with
+LLM.generate's output kind (final_only: an output only for a finished request) and a
+streaming server's (cumulative: an output for every request every step). For scale, the same run first
 times real decode steps of the full model at the same batch.
 
     python benchmarks/engine_overhead.py                    # batch 64
@@ -14,6 +16,7 @@ times real decode steps of the full model at the same batch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -75,6 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="timed decode steps per batch size")
     parser.add_argument("--skip-real", action="store_true", help="do not time the full model for reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
+    parser.add_argument("--output-kinds", nargs="+", default=["final_only", "cumulative"],
+                        help="SamplingParams.output_kind to time: final_only is LLM.generate's, cumulative a streaming server's")
     args = parser.parse_args()
 
     from pagedllm import LLM
@@ -104,9 +109,9 @@ def main() -> None:
     timers.wrap(engine.runner, "_prepare", "runner prep")
     timers.wrap(model, "forward", "embedding + norm")
     timers.wrap(engine.sampler, "sample", "sampler")
-    print(f"\n{'batch':>5s} {'step ms':>8s} {'vs 1 ms':>8s}  {'real step ms':>12s} {'overhead share':>14s}  breakdown (ms per step)")
-    for batch_size in args.batch_sizes:
-        _start_decoding(engine, batch_size, args.prompt_len, seed=2)
+    print(f"\n{'batch':>5s} {'outputs':>11s} {'step ms':>8s} {'vs 1 ms':>8s}  {'real step ms':>12s} {'overhead share':>14s}  breakdown (ms per step)")
+    for batch_size, output_kind in itertools.product(args.batch_sizes, args.output_kinds):
+        _start_decoding(engine, batch_size, args.prompt_len, seed=2, output_kind=output_kind)
         _time_steps(engine, 20)  # warm-up
         timers.totals.clear()
         times = _time_steps(engine, args.steps)
@@ -118,7 +123,7 @@ def main() -> None:
         share = f"{step_ms / real:14.1%}" if real else f"{'-':>14s}"
         real_text = f"{real:12.1f}" if real else f"{'-':>12s}"
         breakdown = ", ".join(f"{name} {ms:.3f}" for name, ms in parts.items())
-        print(f"{batch_size:5d} {step_ms:8.3f} {step_ms / TARGET_MS:7.2f}x  {real_text} {share}  {breakdown}", flush=True)
+        print(f"{batch_size:5d} {output_kind:>11s} {step_ms:8.3f} {step_ms / TARGET_MS:7.2f}x  {real_text} {share}  {breakdown}", flush=True)
 
 
 if __name__ == "__main__":

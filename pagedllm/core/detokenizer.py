@@ -116,14 +116,14 @@ class _ByteLevelDecoder:
 
     def __init__(self, pieces: list[bytes]):
         self._pieces = pieces
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
 
     def step(self, token_id: int) -> str:
         pieces = self._pieces
-        return self._utf8.decode(pieces[token_id] if 0 <= token_id < len(pieces) else b"")
+        return self._decode(pieces[token_id] if 0 <= token_id < len(pieces) else b"")
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        return self._decode(b"", final=True)
 
 
 _BYTE_PIECES: weakref.WeakKeyDictionary[Any, dict[bool, list[bytes] | None]] = weakref.WeakKeyDictionary()
@@ -245,6 +245,17 @@ class IncrementalDetokenizer:
             self._bare_special_texts = {i: t.content for i, t in added.items() if t.special}
         self._prev_is_special = False
         self._anchor: tuple[list[int], str] | None = None
+
+    def append_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """``append([token_id], check_stop)``: the engine's one token a step, with less Python."""
+        if self._bare_special_texts or self.stop_str is not None or self.is_finished:
+            return self.append((token_id,), check_stop)
+        text = self._decoder.step(token_id)
+        if text:
+            if self.stop and check_stop:
+                return self.stop_str if self._add_text(text) else None
+            self.output_text += text
+        return None
 
     def append(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
         """Decode new output tokens; return the stop string they completed, if any.

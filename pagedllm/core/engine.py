@@ -278,7 +278,7 @@ class LLMEngine:
         # with skip_special_tokens=False (which tool parsing uses to see call markers).
         stop_str = None
         if detokenizer is not None and (not stop_token or params.include_stop_str_in_output):
-            stop_str = detokenizer.append((token_id,), may_stop)
+            stop_str = detokenizer.append_token(token_id, may_stop)
         reason: str | None = None
         if stop_token:
             reason = "stop"
