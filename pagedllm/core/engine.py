@@ -151,6 +151,7 @@ class LLMEngine:
         params.validate_for_vocab(self.vocab_size)
         params._eos_token_ids = set(self.eos_token_ids)
         params._stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        params._plain_greedy = params.is_greedy and (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) == (1.0, 0.0, 0.0)
         if params.bad_words:
             params._bad_words_token_ids = bad_words_to_token_ids(params.bad_words, self.tokenizer)
         if params.structured_outputs is not None:

@@ -66,6 +66,8 @@ class SamplingState:
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingState:
         params = [request.sampling_params for request in requests]
+        if all(p._plain_greedy for p in params):  # the common case: no tensor to build
+            return cls(requests=requests, params=params, vocab_size=vocab_size, device=device, random_rows=[])
         is_random = [not p.is_greedy for p in params]
         state = cls(
             requests=requests,

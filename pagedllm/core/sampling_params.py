@@ -155,6 +155,8 @@ class SamplingParams:
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)
     #: The token ids that end the request once ``min_tokens`` are out: ``stop_token_ids``, plus EOS unless ignored.
     _stop_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+    #: Greedy with no penalty: the sampling state needs no tensor for it (set by the engine).
+    _plain_greedy: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
