@@ -105,11 +105,16 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
-        allocate_slots = self.kv_cache.allocate_slots
+        allocate_slots, has_free_slot = self.kv_cache.allocate_slots, self.kv_cache.has_free_slot
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
+                i += 1
+                continue
+            if num_new == 1 and has_free_slot(request.req_id, request.num_computed_tokens):
+                scheduled.append((request, 1))  # a decode step inside its partial block: nothing to allocate
+                budget -= 1
                 i += 1
                 continue
             while True:

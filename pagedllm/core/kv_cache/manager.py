@@ -93,16 +93,10 @@ class KVCacheManager:
         (copy-on-write of shared blocks the new tokens go into), or None, changing nothing,
         when there are not enough allocatable blocks.
         """
+        if num_new_tokens == 1 and 0 <= num_computed_tokens < len(token_ids) and self.has_free_slot(req_id, num_computed_tokens):
+            return []
         bs = self.block_size
         table = self._block_tables.get(req_id)
-        if num_new_tokens == 1 and table and 0 <= num_computed_tokens < len(token_ids):
-            # A decode step writing into a private, partial block it leaves partial (15 of every
-            # 16 steps): nothing to allocate, copy or hash.
-            i = num_computed_tokens // bs
-            if i < len(table) and (num_computed_tokens + 1) % bs:
-                block = self.block_pool.blocks[table[i]]
-                if block.ref_count == 1 and block.block_hash is None:
-                    return []
         num_tokens = num_computed_tokens + num_new_tokens
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(f"token counts must be >= 0, got {num_computed_tokens=} {num_new_tokens=}")
@@ -140,6 +134,17 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             self._cache_full_blocks(req_id, table, token_ids, first_written, num_tokens // bs)
         return copies
+
+    def has_free_slot(self, req_id: str, position: int) -> bool:
+        """Whether the token at ``position`` can be written with nothing to allocate, copy or hash:
+        it falls in a private block of the table that it does not fill (15 of 16 decode steps)."""
+        table = self._block_tables.get(req_id)
+        bs = self.block_size
+        i = position // bs
+        if not table or i >= len(table) or not (position + 1) % bs:
+            return False
+        block = self.block_pool.blocks[table[i]]
+        return block.ref_count == 1 and block.block_hash is None
 
     def fork(self, parent_req_id: str, child_req_id: str, num_tokens: int) -> None:
         """Share the parent's blocks covering its first ``num_tokens`` tokens with a new child."""
