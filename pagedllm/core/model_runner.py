@@ -50,6 +50,8 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_caches[i]
         self._buffers: dict[str, torch.Tensor] = {}
+        # (request ids, their table versions, block-table rows) of the last step
+        self._tables_cache: tuple[list[str], list[int], np.ndarray] | None = None
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
@@ -84,7 +86,8 @@ class ModelRunner:
         bs = self.block_size
         requests, nums = batch.requests, batch.num_scheduled_tokens
         num_reqs = len(requests)
-        tables = self.kv_cache.block_tables([r.req_id for r in requests])
+        req_ids = [r.req_id for r in requests]
+        tables = self.kv_cache.block_tables(req_ids)
         computed = [r.num_computed_tokens for r in requests]
         num_single = 0  # single-token steps come first (the scheduler orders them so)
         while num_single < num_reqs and nums[num_single] == 1:
@@ -112,14 +115,8 @@ class ModelRunner:
                                                    request.prompt_token_ids[start + 1 : last + 1], start + 1)
 
         num_tokens = starts[-1]
-        table_lens = np.fromiter(map(len, tables), np.int64, num_reqs)
-        max_blocks = int(table_lens.max())
-        block_tables = self._buffer("block_tables", num_reqs * max_blocks).view(num_reqs, max_blocks)
+        block_tables = self._block_tables(req_ids, tables)
         rows = block_tables.numpy()
-        rows.fill(0)
-        # All rows at once: the tables' ids, flattened, land where a row's column < its length.
-        rows[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
         position_buf, slot_buf = self._buffer("positions", num_tokens), self._buffer("slots", num_tokens)
         position_np, slot_np = position_buf.numpy(), slot_buf.numpy()
         p = position_np[:num_single]
@@ -145,6 +142,32 @@ class ModelRunner:
             query_start_loc_list=starts,
         )
         return self._to_device(input_ids), self._to_device(position_buf), metadata, sample_rows, prompt_rows
+
+    def _block_tables(self, req_ids: list[str], tables: list) -> torch.Tensor:
+        """[num_reqs, max_blocks] int64 block ids, padded with 0, in a buffer kept across steps.
+
+        In steady decoding the batch is the same requests in the same order and only a few of
+        their tables changed (one gains a block every ``block_size`` steps): just those rows are
+        rewritten, instead of converting every id from Python again (~40 us at 64 requests).
+        """
+        versions = self.kv_cache.table_versions(req_ids)
+        max_blocks = max(map(len, tables))
+        cached = self._tables_cache
+        if cached is not None and cached[0] == req_ids and cached[2].shape[1] == max_blocks:
+            rows = cached[2]
+            for i, (version, old) in enumerate(zip(versions, cached[1])):
+                if version != old:
+                    rows[i].fill(0)
+                    rows[i, : len(tables[i])] = tables[i]
+        else:
+            num_reqs = len(req_ids)
+            table_lens = np.fromiter(map(len, tables), np.int64, num_reqs)
+            rows = np.zeros((num_reqs, max_blocks), np.int64)
+            # All rows at once: the tables' ids, flattened, land where a row's column < its length.
+            rows[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
+                itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
+        self._tables_cache = (req_ids, versions, rows)
+        return torch.from_numpy(rows)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.device.type == "cpu" else tensor.to(self.device)

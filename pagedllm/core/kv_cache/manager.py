@@ -29,6 +29,10 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}
+        # Bumped whenever a request's table changes, so callers can tell a stale copy (a fresh
+        # value each time: a freed and re-added id never reads as unchanged).
+        self._table_versions: dict[str, int] = {}
+        self._next_version = 0
         # Chain hash of each of the request's full blocks, in order: the parent hash of the next.
         self._block_hashes: dict[str, list[int]] = {}
         # Prompt tokens looked up in / found in the prefix cache.
@@ -53,6 +57,15 @@ class KVCacheManager:
         """The block ids of each request, without copying: read them before the next allocation."""
         tables, empty = self._block_tables, ()
         return [tables.get(req_id, empty) for req_id in req_ids]
+
+    def table_versions(self, req_ids: Sequence[str]) -> list[int]:
+        """For each request a number that changes whenever its block table does (-1 if it has none)."""
+        versions = self._table_versions
+        return [versions.get(req_id, -1) for req_id in req_ids]
+
+    def _changed(self, req_id: str) -> None:
+        self._next_version += 1
+        self._table_versions[req_id] = self._next_version
 
     def match_prefix(self, req_id: str, token_ids: Sequence[int]) -> int:
         """Give a new request the cached blocks matching its prompt; return the tokens they cover.
@@ -79,6 +92,7 @@ class KVCacheManager:
             self.block_pool.incref(block_id)
         self._block_tables[req_id] = block_ids
         self._block_hashes[req_id] = block_hashes
+        self._changed(req_id)
         num_hit_tokens = len(block_ids) * bs
         self.num_prefix_queries += len(token_ids)
         self.num_prefix_hits += num_hit_tokens
@@ -117,6 +131,7 @@ class KVCacheManager:
             return None
 
         table = self._block_tables.setdefault(req_id, table)
+        self._changed(req_id)
         copies: list[tuple[int, int]] = []
         for i in written:
             block_id = table[i]
@@ -163,12 +178,14 @@ class KVCacheManager:
         for block_id in child_table:
             self.block_pool.incref(block_id)
         self._block_tables[child_req_id] = child_table
+        self._changed(child_req_id)
         parent_hashes = self._block_hashes.get(parent_req_id, [])
         self._block_hashes[child_req_id] = parent_hashes[: num_tokens // self.block_size]
 
     def free(self, req_id: str) -> None:
         """Release the request's blocks and forget it; unknown ids are ignored."""
         table = self._block_tables.pop(req_id, [])
+        self._table_versions.pop(req_id, None)
         self._block_hashes.pop(req_id, None)
         # Tail first, so a sequence's tail is evicted before its head (which is more shareable).
         for block_id in reversed(table):
