@@ -63,6 +63,23 @@ def test_concurrent_requests_match_the_offline_engine(engine, model_dir):
     assert all(o.finished for o in outputs) and _idle(engine)
 
 
+def test_delta_outputs_of_a_slow_consumer_are_merged_not_dropped(engine, model_dir):
+    expected = LLM(str(model_dir), **OPTIONS).generate(PROMPTS[:1], GREEDY)[0].outputs[0]
+    delta = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind="delta")
+
+    async def main():
+        received = []
+        async for output in engine.generate(PROMPTS[0], delta, "slow-delta"):
+            received.append(output.outputs[0])
+            await asyncio.sleep(0.05)  # let the engine queue several steps
+        return received
+
+    received = asyncio.run(main())
+    assert [t for c in received for t in c.token_ids] == expected.token_ids
+    assert "".join(c.text for c in received) == expected.text
+    assert len(received) < len(expected.token_ids)  # some deltas arrived merged
+
+
 def test_bad_input_reaches_only_its_caller(engine):
     async def main():
         good = asyncio.create_task(_collect(engine, PROMPTS[1], GREEDY, "good"))

@@ -9,6 +9,7 @@ model compute, and requests from every caller join the same continuously batched
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class EngineStats:
 class RequestStream:
     """One request's outputs, delivered from the engine thread to the caller's event loop.
 
-    Outputs are cumulative, so a consumer that falls behind skips to the newest one;
+    Outputs are cumulative, so a consumer that falls behind skips to the newest one (DELTA
+    outputs are merged instead);
     ``on_output(output, time)`` (optional) still sees every output, with the
     ``time.monotonic()`` at which the engine produced it (for latency metrics).
     Iterating yields RequestOutputs until the finished one; an engine failure is raised.
@@ -66,6 +68,9 @@ class RequestStream:
         self.request_id = request_id
         self.on_output: Callable[[RequestOutput, float], None] | None = None
         self.finished = False
+        #: DELTA outputs (SamplingParams.output_kind): a consumer that falls behind gets the
+        #: queued ones merged into one, not just the newest.
+        self.deltas = False
         self._loop = loop
         self._queue: asyncio.Queue[tuple[float, RequestOutput | BaseException]] = asyncio.Queue()
 
@@ -92,10 +97,23 @@ class RequestStream:
                 raise item
             if self.on_output is not None:
                 self.on_output(item, produced)
-            newest = item
+            newest = item if newest is None or not self.deltas else _merge_deltas(newest, item)
         assert newest is not None
         self.finished = newest.finished
         return newest
+
+
+def _merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One DELTA output holding two consecutive ones: new text, token ids and logprobs joined."""
+    by_index = {c.index: c for c in earlier.outputs}
+    merged = []
+    for c in later.outputs:
+        e = by_index.get(c.index)
+        if e is not None:
+            logprobs = None if c.logprobs is None else (e.logprobs or []) + c.logprobs
+            c = dataclasses.replace(c, text=e.text + c.text, token_ids=e.token_ids + c.token_ids, logprobs=logprobs)
+        merged.append(c)
+    return dataclasses.replace(later, outputs=merged)
 
 
 @dataclass
@@ -166,6 +184,7 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop)
+        stream.deltas = params.output_kind == RequestOutputKind.DELTA
         added = loop.create_future()
         with self._cond:
             if not self.is_running:
