@@ -116,14 +116,20 @@ class _ByteLevelDecoder:
 
     def __init__(self, pieces: list[bytes]):
         self._pieces = pieces
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._pending = b""  # the bytes of an incomplete character
 
     def step(self, token_id: int) -> str:
         pieces = self._pieces
-        return self._decode(pieces[token_id] if 0 <= token_id < len(pieces) else b"")
+        data = self._pending + pieces[token_id] if 0 <= token_id < len(pieces) else self._pending
+        # codecs.utf_8_decode with final=False stops before an incomplete trailing character
+        text, consumed = codecs.utf_8_decode(data, "replace", False)
+        self._pending = data[consumed:]
+        return text
 
     def flush(self) -> str:
-        return self._decode(b"", final=True)
+        text = codecs.utf_8_decode(self._pending, "replace", True)[0]
+        self._pending = b""
+        return text
 
 
 _BYTE_PIECES: weakref.WeakKeyDictionary[Any, dict[bool, list[bytes] | None]] = weakref.WeakKeyDictionary()
