@@ -152,6 +152,8 @@ class LLMEngine:
         params._eos_token_ids = set(self.eos_token_ids)
         params._stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         params._plain_greedy = params.is_greedy and (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) == (1.0, 0.0, 0.0)
+        params._unconstrained = not (params.allowed_token_ids or params.logit_bias or params.bad_words or params.min_tokens
+                                     or params.structured_outputs is not None)
         if params.bad_words:
             params._bad_words_token_ids = bad_words_to_token_ids(params.bad_words, self.tokenizer)
         if params.structured_outputs is not None:

@@ -85,6 +85,8 @@ class GuidedMaskStage:
     order = 0
 
     def apply(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        if state.unconstrained:
+            return logits
         groups: dict[int, tuple[GuidedDecodingBackend, list[int], list[GuidedMatcher]]] = {}
         for row, request in enumerate(state.requests):
             guided: GuidedState | None = request.extra.get(GUIDED_KEY)

@@ -62,12 +62,17 @@ class SamplingState:
     repetition_penalty: torch.Tensor | None = None
     frequency_penalty: torch.Tensor | None = None
     presence_penalty: torch.Tensor | None = None
+    #: No request uses allowed_token_ids, logit_bias, bad_words, min_tokens or a structured
+    #: output: the processors for those return at once (False when unknown).
+    unconstrained: bool = False
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingState:
         params = [request.sampling_params for request in requests]
+        unconstrained = all(p._unconstrained for p in params)
         if all(p._plain_greedy for p in params):  # the common case: no tensor to build
-            return cls(requests=requests, params=params, vocab_size=vocab_size, device=device, random_rows=[])
+            return cls(requests=requests, params=params, vocab_size=vocab_size, device=device, random_rows=[],
+                       unconstrained=unconstrained)
         is_random = [not p.is_greedy for p in params]
         state = cls(
             requests=requests,
@@ -75,6 +80,7 @@ class SamplingState:
             vocab_size=vocab_size,
             device=device,
             random_rows=[i for i, random in enumerate(is_random) if random],
+            unconstrained=unconstrained,
         )
 
         def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:

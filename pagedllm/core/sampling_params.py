@@ -157,6 +157,8 @@ class SamplingParams:
     _stop_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
     #: Greedy with no penalty: the sampling state needs no tensor for it (set by the engine).
     _plain_greedy: bool = field(default=False, repr=False)
+    #: No allowed_token_ids, logit_bias, bad_words, min_tokens or structured output (set by the engine).
+    _unconstrained: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

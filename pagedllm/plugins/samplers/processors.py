@@ -40,6 +40,8 @@ class AllowedTokenIdsProcessor:
     order = 100
 
     def apply(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        if state.unconstrained:
+            return logits
         allowed_by_row = {i: p.allowed_token_ids for i, p in enumerate(state.params) if p.allowed_token_ids is not None}
         if not allowed_by_row:
             return logits
@@ -58,6 +60,8 @@ class LogitBiasProcessor:
     order = 200
 
     def apply(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        if state.unconstrained:
+            return logits
         entries = [(i, token_id, bias) for i, p in enumerate(state.params) for token_id, bias in (p.logit_bias or {}).items()]
         if not entries:
             return logits
@@ -74,6 +78,8 @@ class BadWordsProcessor:
     order = 300
 
     def apply(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        if state.unconstrained:
+            return logits
         banned: dict[int, list[int]] = {}
         for i, (request, p) in enumerate(zip(state.requests, state.params)):
             output = request.output_token_ids
@@ -90,6 +96,8 @@ class MinTokensProcessor:
     order = 400
 
     def apply(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        if state.unconstrained:
+            return logits
         banned: dict[int, list[int]] = {}
         for i, (request, p) in enumerate(zip(state.requests, state.params)):
             if len(request.output_token_ids) < p.min_tokens:
