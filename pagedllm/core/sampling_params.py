@@ -170,13 +170,15 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0
-        if isinstance(self.output_kind, str) and self.output_kind.upper() in RequestOutputKind.__members__:
-            self.output_kind = RequestOutputKind[self.output_kind.upper()]
-        elif not isinstance(self.output_kind, bool) and self.output_kind in set(RequestOutputKind):
-            self.output_kind = RequestOutputKind(self.output_kind)
-        else:
+        kind = self.output_kind
+        if isinstance(kind, str):
+            kind = RequestOutputKind.__members__.get(kind.upper(), kind)
+        elif isinstance(kind, int) and not isinstance(kind, bool) and kind in RequestOutputKind._value2member_map_:
+            kind = RequestOutputKind(kind)
+        if not isinstance(kind, RequestOutputKind):
             raise ValueError(f"SamplingParams.output_kind must be one of {', '.join(k.name for k in RequestOutputKind)}, "
                              f"got {self.output_kind!r}")
+        self.output_kind = kind
         self._validate()
         self._resolve_structured_outputs()
 
