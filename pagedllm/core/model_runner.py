@@ -95,7 +95,8 @@ class ModelRunner:
         if any(n == 1 for n in nums[num_single:]):
             raise ValueError("the batch must list single-token steps before prefill chunks")
 
-        ids = [_token_at(r, start) for r, start in zip(requests[:num_single], computed)]
+        ids = [r.output_token_ids[start - len(r.prompt_token_ids)] if start >= len(r.prompt_token_ids) else r.prompt_token_ids[start]
+               for r, start in zip(requests[:num_single], computed)]  # each single-token step's token
         starts = [0, *itertools.accumulate(nums)]
         seq_lens = [start + num for start, num in zip(computed, nums)]
         sample_rows: list[int] = []
@@ -181,12 +182,6 @@ class ModelRunner:
         if buf is None or buf.numel() < size:
             buf = self._buffers[name] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
         return buf[:size]
-
-
-def _token_at(request: Request, position: int) -> int:
-    """The request's token at ``position`` (prompt, then output)."""
-    num_prompt = len(request.prompt_token_ids)
-    return request.prompt_token_ids[position] if position < num_prompt else request.output_token_ids[position - num_prompt]
 
 
 def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -106,9 +106,13 @@ class Scheduler:
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
         allocate_slots, has_free_slot = self.kv_cache.allocate_slots, self.kv_cache.has_free_slot
+        chunked = self.config.enable_chunked_prefill
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._num_new_tokens(request, budget)
+            # (_num_new_tokens, inlined: this loop runs for every running request every step)
+            num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
+            if num_new > budget:
+                num_new = budget if chunked else 0
             if num_new == 0:
                 i += 1
                 continue
