@@ -275,7 +275,7 @@ class LLMEngine:
         """Feed the new token to the detokenizer; finish the request if it stops here (return True)."""
         params = request.sampling_params
         detokenizer = request.detokenizer
-        may_stop = len(request.output_token_ids) >= params.min_tokens
+        may_stop = request.num_output_tokens >= params.min_tokens
         stop_token = may_stop and token_id in params._stop_ids
         # A stop token (EOS or stop_token_ids) ends the text without joining it, as in vLLM, even
         # with skip_special_tokens=False (which tool parsing uses to see call markers).
@@ -291,7 +291,7 @@ class LLMEngine:
             reason, request.stop_reason = "stop", stop_str
         if reason is None and GUIDED_KEY in request.extra and request.extra[GUIDED_KEY].accept(request):
             reason = "stop"  # the constraint is complete (or broken)
-        if reason is None and len(request.prompt_token_ids) + len(request.output_token_ids) >= request.max_total_tokens:
+        if reason is None and request.num_tokens >= request.max_total_tokens:
             reason = "length"
         if reason is None:
             return False

@@ -95,8 +95,7 @@ class ModelRunner:
         if any(n == 1 for n in nums[num_single:]):
             raise ValueError("the batch must list single-token steps before prefill chunks")
 
-        ids = [r.output_token_ids[start - len(r.prompt_token_ids)] if start >= len(r.prompt_token_ids) else r.prompt_token_ids[start]
-               for r, start in zip(requests[:num_single], computed)]  # each single-token step's token
+        ids = [_token_at(r, start) for r, start in zip(requests[:num_single], computed)]
         starts = [0, *itertools.accumulate(nums)]
         seq_lens = [start + num for start, num in zip(computed, nums)]
         sample_rows: list[int] = []
@@ -105,10 +104,10 @@ class ModelRunner:
             request, start, end = requests[i], computed[i], seq_lens[i]
             ids.extend(request.prompt_token_ids[start:end] if end <= request.num_prompt_tokens else request.all_token_ids[start:end])
         for i, (request, end) in enumerate(zip(requests, seq_lens)):
-            if end >= len(request.prompt_token_ids) + len(request.output_token_ids):
+            if end >= request.num_tokens:
                 sample_rows.append(i)
             # Prompt logprobs: logits at prompt positions predict the next prompt token.
-            if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
                 start, num_prompt = computed[i], request.num_prompt_tokens
                 last = min(end, num_prompt - 1)
                 if last > start:
@@ -116,8 +115,8 @@ class ModelRunner:
                                                    request.prompt_token_ids[start + 1 : last + 1], start + 1)
 
         num_tokens = starts[-1]
-        block_tables = self._block_tables(req_ids, tables)
-        rows = block_tables.numpy()
+        rows = self._block_table_rows(req_ids, tables)
+        block_tables = torch.from_numpy(rows)
         position_buf, slot_buf = self._buffer("positions", num_tokens), self._buffer("slots", num_tokens)
         position_np, slot_np = position_buf.numpy(), slot_buf.numpy()
         p = position_np[:num_single]
@@ -144,7 +143,7 @@ class ModelRunner:
         )
         return self._to_device(input_ids), self._to_device(position_buf), metadata, sample_rows, prompt_rows
 
-    def _block_tables(self, req_ids: list[str], tables: list) -> torch.Tensor:
+    def _block_table_rows(self, req_ids: list[str], tables: list) -> np.ndarray:
         """[num_reqs, max_blocks] int64 block ids, padded with 0, in a buffer kept across steps.
 
         In steady decoding the batch is the same requests in the same order and only a few of
@@ -168,7 +167,7 @@ class ModelRunner:
             rows[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
                 itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
         self._tables_cache = (req_ids, versions, rows)
-        return torch.from_numpy(rows)
+        return rows
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.device.type == "cpu" else tensor.to(self.device)
@@ -182,6 +181,12 @@ class ModelRunner:
         if buf is None or buf.numel() < size:
             buf = self._buffers[name] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
         return buf[:size]
+
+
+def _token_at(request: Request, position: int) -> int:
+    """The request's token at ``position`` (prompt, then output)."""
+    num_prompt = len(request.prompt_token_ids)
+    return request.prompt_token_ids[position] if position < num_prompt else request.output_token_ids[position - num_prompt]
 
 
 def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

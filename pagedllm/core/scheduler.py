@@ -106,13 +106,9 @@ class Scheduler:
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
         allocate_slots, has_free_slot = self.kv_cache.allocate_slots, self.kv_cache.has_free_slot
-        chunked = self.config.enable_chunked_prefill
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            # (_num_new_tokens, inlined: this loop runs for every running request every step)
-            num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
-            if num_new > budget:
-                num_new = budget if chunked else 0
+            num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -179,7 +175,7 @@ class Scheduler:
         return batch
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
+        num_new = request.num_tokens - request.num_computed_tokens
         if num_new > budget:
             num_new = budget if self.config.enable_chunked_prefill else 0
         return num_new
@@ -211,7 +207,7 @@ class Scheduler:
         sampling: list[Request] = []
         for request, num in zip(batch.requests, batch.num_scheduled_tokens):
             request.num_computed_tokens += num
-            if request.num_computed_tokens >= len(request.prompt_token_ids) + len(request.output_token_ids):
+            if request.num_computed_tokens >= request.num_tokens:
                 sampling.append(request)
         return sampling
 

@@ -107,16 +107,13 @@ class KVCacheManager:
         (copy-on-write of shared blocks the new tokens go into), or None, changing nothing,
         when there are not enough allocatable blocks.
         """
-        if num_new_tokens == 1 and 0 <= num_computed_tokens < len(token_ids) and self.has_free_slot(req_id, num_computed_tokens):
-            return []
         bs = self.block_size
-        table = self._block_tables.get(req_id)
         num_tokens = num_computed_tokens + num_new_tokens
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(f"token counts must be >= 0, got {num_computed_tokens=} {num_new_tokens=}")
         if len(token_ids) < num_tokens:
             raise ValueError(f"request {req_id!r}: {len(token_ids)} token_ids, need {num_tokens}")
-        table = table or []
+        table = self._block_tables.get(req_id, [])
         if num_computed_tokens > len(table) * bs:
             raise ValueError(
                 f"request {req_id!r}: {num_computed_tokens} computed tokens but the block table covers {len(table) * bs}"
