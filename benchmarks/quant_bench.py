@@ -12,7 +12,7 @@ Each path runs in its own process (so resident memory is its own), one after the
 
 Measured per path: single-stream decode tokens/s (one request; 1 / the median time of its decode steps),
 batched output tokens/s (NUM_BATCH requests at once, prefill included), resident memory
-(VmRSS after the runs; "model" = RSS after building the engine minus RSS before it, once
+(VmRSS after the runs, median of the rounds; "model" = RSS after building the engine minus RSS before it, once
 torch, transformers and the tokenizer are loaded), and the load time. Greedy, EOS ignored.
 
     python benchmarks/quant_bench.py                    # all paths (several minutes)
@@ -155,9 +155,12 @@ def main() -> None:
                     sys.exit(f"{path} failed:\n{out.stderr[-3000:]}")
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{path}: {run}", file=sys.stderr)
-                best = results.setdefault(path, run)
+                best = results.setdefault(path, run | {"rss_runs": []})
+                best["rss_runs"].append(run["rss_mib"])
                 for key in ("decode_tps", "batch_tps"):
                     best[key] = max(best[key], run[key])
+    for r in results.values():  # resident memory moves by ~30 MiB from run to run: the median of the rounds
+        r["rss_mib"] = statistics.median(r["rss_runs"])
 
     base = results.get("float32")
     header = (f"{'path':<14} {'kernel':<9} {'dtype':<9} {'decode tok/s':>12} {'x fp32':>7} {'batch tok/s':>12} "
@@ -173,7 +176,7 @@ def main() -> None:
               f"{r['model_mib']:>10.0f} {r['load_s']:>7.1f}")  # fmt: skip
     print(f"single stream: {args.decode_tokens} tokens after a 32-token prompt; batched: {args.num_batch} requests x "
           f"64-token prompts x {args.batch_tokens} output tokens; threads {next(iter(results.values()))['threads']}; "
-          f"best of {args.repeat} rounds; "
+          f"speeds: best of {args.repeat} rounds, RSS: median; "
           f"machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 

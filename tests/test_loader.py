@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model h
 import importlib.metadata
 import importlib.util
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from pagedllm.core.loader import ModelSource, embedded_model_path, load_model_source
-from pagedllm.core.loader.gguf_loader import GGUFFile
+from pagedllm.core.loader.gguf_loader import GGUFFile, GGUFTensorInfo, build_hf_config
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)  # fmt: skip
@@ -146,6 +148,63 @@ def test_small_gguf_matches_transformers(tmp_path, arch, model_class, config_cla
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
         assert torch.equal(weights[name], model.state_dict()[name]), name
+
+
+class FakeGGUF:
+    """Just the metadata and tensor table that `build_hf_config` reads."""
+
+    def __init__(self, arch: str, metadata: dict, tensor_names: list[str]):
+        self.path = Path(f"/nowhere/{arch}.gguf")
+        self.metadata = {"general.architecture": arch} | {f"{arch}.{k}": v for k, v in metadata.items()}
+        self.tensors = [GGUFTensorInfo(name, (300, 64) if name == "token_embd.weight" else (64,), 0, 0, 0)
+                        for name in tensor_names]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])  # fmt: skip
+def test_gguf_config_has_transformers_defaults(arch, rope):
+    """Our config (no model-specific transformers class) equals transformers' own class given the same fields."""
+    from transformers import AutoConfig
+
+    metadata = {"embedding_length": 64, "feed_forward_length": 128, "block_count": 3, "attention.head_count": 4,
+                "context_length": 256, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-6,
+                "rope.freq_base": 5e5, "attention.key_length": 16}  # fmt: skip
+    if rope:
+        metadata |= {"rope.scaling.type": rope["rope_type"], "rope.scaling.factor": rope["factor"]}
+        if "original_max_position_embeddings" in rope:
+            metadata["rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
+    tensors = ["token_embd.weight", "output.weight"] + (["blk.0.attn_q.bias"] if arch == "qwen2" else [])
+    ours = build_hf_config(FakeGGUF(arch, metadata, tensors))
+
+    stated = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=256, num_key_value_heads=2, rms_norm_eps=1e-6, head_dim=16,
+                  rope_theta=5e5, vocab_size=300, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None, architectures=ours.architectures)  # fmt: skip
+    if arch == "llama":
+        stated["attention_bias"] = False
+    if rope:
+        stated["rope_scaling"] = rope
+    reference = AutoConfig.for_model(arch, **stated)
+    assert ours.to_dict() | {"_name_or_path": ""} == reference.to_dict()
+    assert ours.model_type == arch and ours.architectures == [reference.architectures[0]]
+    # the RoPE frequencies our layers derive from each are the same
+    from pagedllm.core.layers.rotary import _inv_freq
+
+    for got, want in zip(_inv_freq(ours, 16), _inv_freq(reference, 16)):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+
+
+def test_gguf_source_does_not_import_the_model_loading_stack(tmp_path):
+    """A GGUF's config needs no transformers model class (they pull in ~70 MiB: sympy, torch.distributed.tensor)."""
+    torch.manual_seed(0)
+    path = write_gguf(tmp_path / "model.gguf", gguf.MODEL_ARCH.LLAMA, LlamaForCausalLM(LlamaConfig(**TINY)))
+    script = ("import sys; from pagedllm.core.loader import load_model_source; "
+              f"s = load_model_source({str(path)!r}); assert s.hf_config.model_type == 'llama'; "
+              "print([m for m in ('sympy', 'torch.distributed.tensor', 'transformers.models.llama') if m in sys.modules])")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- the embedded SmolLM2 GGUF ------------------------------------------------------------------

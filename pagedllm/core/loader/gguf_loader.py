@@ -176,7 +176,7 @@ class GGUFFile:
 
 def build_hf_config(gguf: GGUFFile):
     """A transformers config from GGUF metadata, with the same values transformers derives."""
-    from transformers import AutoConfig
+    from pagedllm.core.loader.gguf_config import make_config
 
     meta = gguf.metadata
     arch = meta.get("general.architecture")
@@ -206,7 +206,6 @@ def build_hf_config(gguf: GGUFFile):
         "num_key_value_heads": key("attention.head_count_kv", num_heads),
         "head_dim": head_dim or fields["hidden_size"] // num_heads,
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": key("rope.freq_base", 10000.0),
         "vocab_size": embedding.shape[0] if embedding is not None else key("vocab_size"),
         # llama.cpp writes `output.weight` only when it differs from the embedding
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -217,14 +216,16 @@ def build_hf_config(gguf: GGUFFile):
     if arch == "llama":
         fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
     scaling = key("rope.scaling.type")
+    rope = {"rope_type": "default"}
     if scaling in ("linear", "yarn"):
-        fields["rope_scaling"] = {"rope_type": scaling, "factor": key("rope.scaling.factor", 1.0)}
+        rope = {"rope_type": scaling, "factor": key("rope.scaling.factor", 1.0)}
         if original := key("rope.scaling.original_context_length"):
-            fields["rope_scaling"]["original_max_position_embeddings"] = original
+            rope["original_max_position_embeddings"] = original
     elif scaling not in (None, "none") or "rope_freqs.weight" in tensors:
         logger.warning("%s: GGUF rope scaling (%s) is not carried over; long contexts may differ.", gguf.path,
                        scaling or "rope_freqs")  # fmt: skip
-    config = AutoConfig.for_model(model_type, **fields)
+    fields["rope_parameters"] = rope | {"rope_theta": key("rope.freq_base", 10000.0)}
+    config = make_config(model_type, fields)
     config.name_or_path = str(gguf.path)
     return config
 
