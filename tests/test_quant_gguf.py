@@ -78,7 +78,9 @@ def test_int4_groups_rebuild_the_weights(type_name):
 KERNEL_TOLERANCE = {"blocks": 1e-5, "dequant": 1e-5, "int4pack": 2e-2}
 
 
-@pytest.mark.parametrize("num_tokens", [1, 5, 20])  # 20: the C++ path dequantizes tiles for the GEMM
+# C++ paths: 1, 5 the decode kernel; 23 (not a multiple of the 4-row tiles) the row-tiled kernel;
+# 150 dequantized tiles for the float GEMM
+@pytest.mark.parametrize("num_tokens", [1, 5, 23, 150])
 @pytest.mark.parametrize("kernel", list(KERNEL_TOLERANCE))
 @pytest.mark.parametrize("type_name", QUANTIZED)
 def test_layer_output_matches_the_dequantized_weight(type_name, kernel, num_tokens):
@@ -94,6 +96,22 @@ def test_layer_output_matches_the_dequantized_weight(type_name, kernel, num_toke
     expected = x @ weight.T
     scale = expected.abs().max().item()
     torch.testing.assert_close(layer_kernel(x), expected, rtol=0, atol=KERNEL_TOLERANCE[kernel] * scale)
+
+
+@pytest.mark.skipif(gguf_method.load_kernels() is None, reason="no C++ tool chain")
+@pytest.mark.parametrize("type_name", QUANTIZED)
+def test_row_tiled_kernel_takes_any_number_of_rows_and_columns(type_name):
+    """Weight rows not a multiple of the kernel's 4-row tiles, and x rows left over from its 4-row tiles."""
+    raw, qtype = TENSORS[type_name]
+    kernels = gguf_method.load_kernels()
+    generator = torch.Generator().manual_seed(1)
+    for rows in (1, 3, 7, 130):
+        weight = dequantize(raw[:rows], qtype)
+        for num_tokens in (9, 23, 96):
+            x = torch.randn(num_tokens, weight.shape[1], generator=generator)
+            expected = x @ weight.T
+            got = kernels.gguf_mul_mat_tiled(x, raw[:rows], int(qtype))
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def _rounded_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -477,6 +478,82 @@ void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* r
 // x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
 // Every weight block is decoded once and used for all M rows of x (decode-sized batches).
 // The operands of x @ W.T checked (x [M <= kMaxRows, K] float32, raw [N, blocks of K] uint8) and made contiguous.
+// ---- batches of rows: decode a few weight rows to floats once, then a register-blocked product ----
+// For M rows of x past the decode kernels' 8: NR weight rows are dequantized into a small
+// scratch (L1-resident) and multiplied with MR rows of x at a time, MR x NR accumulators of
+// kVL floats over K. Each weight row is decoded once per call, however large M is, and the
+// values are the dequantized float path's (same decode), so results match it up to summation order.
+#if defined(__AVX512F__)
+constexpr int kVL = 16, kMR = 4, kNR = 4;  // 16 accumulators of 32 registers
+#elif defined(__AVX2__)
+constexpr int kVL = 8, kMR = 2, kNR = 4;  // 8 accumulators of 16 registers
+#else
+constexpr int kVL = 4, kMR = 2, kNR = 2;
+#endif
+typedef float vfl __attribute__((vector_size(4 * kVL)));
+typedef float vfl_unaligned __attribute__((vector_size(4 * kVL), aligned(4)));
+
+inline vfl loadv(const float* p) { return *reinterpret_cast<const vfl_unaligned*>(p); }
+
+inline float hsum_v(vfl v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  return hsum(reinterpret_cast<__m256&>(v));
+#else
+  float sum = 0.f;
+  for (int l = 0; l < kVL; ++l) sum += v[l];
+  return sum;
+#endif
+}
+
+template <int MR, int NR>
+inline void dot_tile(const float* __restrict__ x, int64_t K, const float* __restrict__ w, float* __restrict__ y,
+                     int64_t N) {
+  vfl acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vfl{};
+  for (int64_t k = 0; k < K; k += kVL) {
+    vfl wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = loadv(w + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const vfl xv = loadv(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * N + j] = hsum_v(acc[i][j]);
+}
+
+template <int NR>
+inline void dot_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) dot_tile<kMR, NR>(x + m * K, K, w, y + m * N, N);
+  if (m < M)  // fewer than kMR rows left
+    with_rows(M - m, [&](auto rows) {
+      constexpr int mr = decltype(rows)::value < kMR ? decltype(rows)::value : 1;
+      dot_tile<mr, NR>(x + m * K, K, w, y + m * N, N);
+    });
+}
+
+template <int64_t TYPE>
+void mul_mat_tiled_rows(const float* x, int64_t M, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y,
+                        int64_t N, int64_t n0, int64_t n1) {
+  const Format f = format_of(TYPE);
+  const int64_t num_blocks = K / f.block_values;
+  thread_local std::vector<float> scratch;
+  scratch.resize(kNR * K);
+  float* w = scratch.data();
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int64_t nr = std::min<int64_t>(kNR, n1 - n);
+    for (int64_t j = 0; j < nr; ++j) dequantize_blocks<TYPE>(raw + (n + j) * row_bytes, w + j * K, 0, num_blocks);
+    with_rows(nr, [&](auto cols) {
+      constexpr int c = decltype(cols)::value <= kNR ? decltype(cols)::value : 1;
+      dot_rows<c>(x, M, K, w, y + n, N);
+    });
+  }
+}
+
 struct MulMatArgs {
   torch::Tensor x, raw;
   int64_t M, K, N, row_bytes;
@@ -514,6 +591,36 @@ torch::Tensor gguf_mul_mat(torch::Tensor x_in, torch::Tensor raw_in, int64_t typ
       case Q4_K: return mul_mat_rows<Q4_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
       case Q5_K: return mul_mat_rows<Q5_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
       case Q6_K: return mul_mat_rows<Q6_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
+    }
+  });
+  return y;
+}
+
+// x @ W.T for any number of rows of x (meant for M > kMaxRows): weight rows decoded once each.
+torch::Tensor gguf_mul_mat_tiled(torch::Tensor x, torch::Tensor raw, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
+  const Format f = format_of(type);
+  x = x.contiguous();
+  raw = raw.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
+  TORCH_CHECK(K % f.block_values == 0 && K % kVL == 0 && row_bytes == K / f.block_values * f.block_bytes,
+              "raw blocks do not match K");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* rp = raw.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + kNR - 1) / kNR, 4, [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * kNR, n1 = std::min(N, t1 * kNR);
+    switch (type) {
+      case Q4_0: return mul_mat_tiled_rows<Q4_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q4_1: return mul_mat_tiled_rows<Q4_1>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q5_0: return mul_mat_tiled_rows<Q5_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q5_1: return mul_mat_tiled_rows<Q5_1>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q8_0: return mul_mat_tiled_rows<Q8_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q4_K: return mul_mat_tiled_rows<Q4_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q5_K: return mul_mat_tiled_rows<Q5_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
+      case Q6_K: return mul_mat_tiled_rows<Q6_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
     }
   });
   return y;
@@ -577,5 +684,6 @@ torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_mul_mat", &gguf_mul_mat, "x @ W.T with W as raw GGUF blocks (float32, at most 8 rows of x)");
   m.def("gguf_mul_mat_q8", &gguf_mul_mat_q8, "gguf_mul_mat with x rounded to int8 per 32 values (llama.cpp's q8)");
+  m.def("gguf_mul_mat_tiled", &gguf_mul_mat_tiled, "x @ W.T with W as raw GGUF blocks, any number of rows of x");
   m.def("gguf_dequantize", &gguf_dequantize, "raw GGUF blocks -> float32 rows");
 }
