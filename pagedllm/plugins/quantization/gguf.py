@@ -7,8 +7,8 @@ some v projections in Q6_K), so a layer is a list of row ranges, each with its k
 Kernels (``quantization_kernel``; ``auto`` is ``blocks`` on CPU, ``dequant`` elsewhere):
 
 - ``blocks``: a C++ kernel reads the raw blocks and multiplies with float32 activations
-  (up to 8 rows; up to 96 rows another one decodes each weight row once and multiplies it with
-  all of them; larger batches dequantize a tile of rows and use the float GEMM).
+  (up to 8 rows; up to 96 rows (32 with AVX2 only) another one decodes each weight row once and
+  multiplies it with all of them; larger batches dequantize a tile of rows and use the float GEMM).
   Same numbers as the dequantized float path up to summation order, so greedy tokens match;
 - ``q8``: as ``blocks``, but decode-sized batches of Q4_0, Q4_1 and Q8_0 round the activations
   to int8 per 32 values and take integer dot products, as llama.cpp does: 1.4-2x faster
@@ -48,10 +48,9 @@ INT4PACK_TYPES = {GGML.Q4_0, GGML.Q4_1, GGML.Q4_K}
 SUPPORTED_TYPES = set(DEQUANTIZERS) | set(FLOAT_TYPES)
 _TILE_ELEMENTS = 1 << 20  # float32 values dequantized at a time (4 MiB): stays in cache, bounds memory
 _MAX_BLOCK_ROWS = 8  # activation rows the C++ decode kernels take
-# Up to this many rows, a C++ kernel decodes each weight row once into a small scratch and multiplies it
-# with every row of x (1.2-3x the tile path below from 9 to 96 rows); larger batches dequantize tiles
-# of rows for the float GEMM, which wins from about 128 rows on (prefill).
-_MAX_TILED_ROWS = 96
+# From 9 rows up to kernels.gguf_tiled_max_rows() (96 with AVX-512, 32 with AVX2), a C++ kernel decodes
+# each weight row once into a small scratch and multiplies it with every row of x (1.2-3x the tile path
+# on SmolLM2's shapes); larger batches (prefill) dequantize tiles of rows for the float GEMM.
 _SOURCE = Path(__file__).parent / "csrc" / "gguf_kernels.cpp"
 logger = logging.getLogger(__name__)
 
@@ -129,6 +128,7 @@ class _Blocks:
         self.raw, self.qtype, self.kernels = raw, int(qtype), kernels
         self.tile_rows = max(1, _TILE_ELEMENTS // in_features)
         self.mul_mat = kernels.gguf_mul_mat_q8 if q8 else kernels.gguf_mul_mat
+        self.tiled_max_rows = kernels.gguf_tiled_max_rows()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= _MAX_BLOCK_ROWS and x.dtype == torch.float32:
@@ -136,7 +136,7 @@ class _Blocks:
         flat = x.reshape(-1, x.shape[-1]).float()
         if flat.shape[0] <= _MAX_BLOCK_ROWS:
             y = self.mul_mat(flat, self.raw, self.qtype)
-        elif flat.shape[0] <= _MAX_TILED_ROWS:
+        elif flat.shape[0] <= self.tiled_max_rows:
             y = self.kernels.gguf_mul_mat_tiled(flat, self.raw, self.qtype)
         else:
             rows = self.raw.shape[0]

@@ -483,12 +483,14 @@ void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* r
 // scratch (L1-resident) and multiplied with MR rows of x at a time, MR x NR accumulators of
 // kVL floats over K. Each weight row is decoded once per call, however large M is, and the
 // values are the dequantized float path's (same decode), so results match it up to summation order.
+// kTiledMaxRows: up to this many rows of x the kernel beats dequantized tiles through oneDNN's
+// GEMM (measured on SmolLM2's shapes; with AVX2 only, its fewer accumulators lose sooner).
 #if defined(__AVX512F__)
-constexpr int kVL = 16, kMR = 4, kNR = 4;  // 16 accumulators of 32 registers
+constexpr int kVL = 16, kMR = 4, kNR = 4, kTiledMaxRows = 96;  // 16 accumulators of 32 registers
 #elif defined(__AVX2__)
-constexpr int kVL = 8, kMR = 2, kNR = 4;  // 8 accumulators of 16 registers
+constexpr int kVL = 8, kMR = 2, kNR = 4, kTiledMaxRows = 32;  // 8 accumulators of 16 registers
 #else
-constexpr int kVL = 4, kMR = 2, kNR = 2;
+constexpr int kVL = 4, kMR = 2, kNR = 2, kTiledMaxRows = 16;
 #endif
 typedef float vfl __attribute__((vector_size(4 * kVL)));
 typedef float vfl_unaligned __attribute__((vector_size(4 * kVL), aligned(4)));
@@ -685,5 +687,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_mul_mat", &gguf_mul_mat, "x @ W.T with W as raw GGUF blocks (float32, at most 8 rows of x)");
   m.def("gguf_mul_mat_q8", &gguf_mul_mat_q8, "gguf_mul_mat with x rounded to int8 per 32 values (llama.cpp's q8)");
   m.def("gguf_mul_mat_tiled", &gguf_mul_mat_tiled, "x @ W.T with W as raw GGUF blocks, any number of rows of x");
+  m.def("gguf_tiled_max_rows", [] { return kTiledMaxRows; }, "rows of x up to which gguf_mul_mat_tiled is the faster path");
   m.def("gguf_dequantize", &gguf_dequantize, "raw GGUF blocks -> float32 rows");
 }
