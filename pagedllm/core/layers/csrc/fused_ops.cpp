@@ -195,6 +195,16 @@ inline int64_t first_equal_scalar(const float* x, int64_t start, int64_t n, floa
   return -1;
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Logits are cold (a whole batch is 12.6 MB for a 49k vocabulary): ask for the two cache lines
+// 4 KiB ahead of each 32-float step, as hardware prefetchers stop at 4 KiB pages. On 64 cold rows,
+// 2 threads of an AVX-512 Xeon: 0.77 -> 0.40-0.50 ms, the speed of torch.sum over the same data.
+inline void prefetch_ahead(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 16), _MM_HINT_T0);
+}
+#endif
+
 #if defined(__AVX512F__)
 // One pass: each of 32 lanes keeps its maximum and the first index it was reached at (a
 // strict > never moves the index on a tie); the row's answer is the smallest index among the
@@ -210,6 +220,7 @@ inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
   __mmask16 nan = 0;
   int64_t i = 0;
   for (; i + 32 <= n && n <= INT32_MAX; i += 32) {
+    prefetch_ahead(x + i);
     const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
     nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
     const __mmask16 ga = _mm512_cmp_ps_mask(a, m0, _CMP_GT_OQ), gb = _mm512_cmp_ps_mask(b, m1, _CMP_GT_OQ);
@@ -241,6 +252,7 @@ inline int64_t argmax_row(const float* __restrict__ x, int64_t n) {
   __m256 m0 = _mm256_set1_ps(lowest), m1 = m0, m2 = m0, m3 = m0, nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
+    prefetch_ahead(x + i);
     const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
     const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
     nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
