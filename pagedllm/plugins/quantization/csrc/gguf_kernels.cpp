@@ -475,9 +475,6 @@ void mul_mat_q8_rows(const QuantizedX& x, int64_t M, int64_t K, const uint8_t* r
 
 }  // namespace
 
-// x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
-// Every weight block is decoded once and used for all M rows of x (decode-sized batches).
-// The operands of x @ W.T checked (x [M <= kMaxRows, K] float32, raw [N, blocks of K] uint8) and made contiguous.
 // ---- batches of rows: decode a few weight rows to floats once, then a register-blocked product ----
 // For M rows of x past the decode kernels' 8: NR weight rows are dequantized into a small
 // scratch (L1-resident) and multiplied with MR rows of x at a time, MR x NR accumulators of
@@ -556,6 +553,9 @@ void mul_mat_tiled_rows(const float* x, int64_t M, int64_t K, const uint8_t* raw
   }
 }
 
+// x [M, K] float32 (M <= 8), raw [N, K / block_values * block_bytes] uint8 -> y [M, N] float32.
+// Every weight block is decoded once and used for all M rows of x (decode-sized batches).
+// The operands of x @ W.T checked (x [M <= kMaxRows, K] float32, raw [N, blocks of K] uint8) and made contiguous.
 struct MulMatArgs {
   torch::Tensor x, raw;
   int64_t M, K, N, row_bytes;
