@@ -350,6 +350,22 @@ void dequantize_blocks(const uint8_t* raw, float* out, int64_t begin, int64_t en
   for (int64_t i = begin; i < end; ++i) dequantize_block<TYPE>(raw + i * f.block_bytes, out + i * f.block_values);
 }
 
+// Calls f(std::integral_constant<int64_t, TYPE>) for a block type (format_of has rejected others):
+// kernels take the type as a template parameter, so each type's decode is inlined.
+template <typename F>
+void with_type(int64_t type, F&& f) {
+  switch (type) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int64_t, Q5_0>{});
+    case Q5_1: return f(std::integral_constant<int64_t, Q5_1>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int64_t, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+  }
+}
+
 // Calls f(std::integral_constant<int, M>) for M in 1..kMaxRows: kernels take the number of
 // rows of x as a compile-time constant, so their accumulators live in registers.
 template <typename F>
@@ -561,10 +577,11 @@ struct MulMatArgs {
   int64_t M, K, N, row_bytes;
 };
 
-MulMatArgs mul_mat_args(torch::Tensor x, torch::Tensor raw, int64_t type, const char* name) {
+MulMatArgs mul_mat_args(torch::Tensor x, torch::Tensor raw, int64_t type, const char* name,
+                        int64_t max_rows = kMaxRows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
-  TORCH_CHECK(x.size(0) <= kMaxRows, name, " takes at most ", kMaxRows, " rows of x");
+  TORCH_CHECK(x.size(0) <= max_rows, name, " takes at most ", max_rows, " rows of x");
   const Format f = format_of(type);
   x = x.contiguous();
   raw = raw.contiguous();
@@ -584,46 +601,24 @@ torch::Tensor gguf_mul_mat(torch::Tensor x_in, torch::Tensor raw_in, int64_t typ
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
-    switch (type) {
-      case Q4_0: return mul_mat_rows<Q4_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q4_1: return mul_mat_rows<Q4_1>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q5_0: return mul_mat_rows<Q5_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q5_1: return mul_mat_rows<Q5_1>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q8_0: return mul_mat_rows<Q8_0>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q4_K: return mul_mat_rows<Q4_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q5_K: return mul_mat_rows<Q5_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-      case Q6_K: return mul_mat_rows<Q6_K>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1);
-    }
+    with_type(type, [&](auto t) { mul_mat_rows<decltype(t)::value>(xp, M, K, sp, rp, row_bytes, yp, N, n0, n1); });
   });
   return y;
 }
 
 // x @ W.T for any number of rows of x (meant for M > kMaxRows): weight rows decoded once each.
-torch::Tensor gguf_mul_mat_tiled(torch::Tensor x, torch::Tensor raw, int64_t type) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [M, K] float32");
-  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8, "raw must be [N, bytes] uint8");
-  const Format f = format_of(type);
-  x = x.contiguous();
-  raw = raw.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = raw.size(0), row_bytes = raw.size(1);
-  TORCH_CHECK(K % f.block_values == 0 && K % kVL == 0 && row_bytes == K / f.block_values * f.block_bytes,
-              "raw blocks do not match K");
+// K is a multiple of the block size (32 or 256), so of kVL.
+torch::Tensor gguf_mul_mat_tiled(torch::Tensor x_in, torch::Tensor raw_in, int64_t type) {
+  const MulMatArgs a = mul_mat_args(x_in, raw_in, type, "gguf_mul_mat_tiled", INT64_MAX);
+  const torch::Tensor &x = a.x, &raw = a.raw;
+  const int64_t M = a.M, K = a.K, N = a.N, row_bytes = a.row_bytes;
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + kNR - 1) / kNR, 4, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * kNR, n1 = std::min(N, t1 * kNR);
-    switch (type) {
-      case Q4_0: return mul_mat_tiled_rows<Q4_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q4_1: return mul_mat_tiled_rows<Q4_1>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q5_0: return mul_mat_tiled_rows<Q5_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q5_1: return mul_mat_tiled_rows<Q5_1>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q8_0: return mul_mat_tiled_rows<Q8_0>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q4_K: return mul_mat_tiled_rows<Q4_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q5_K: return mul_mat_tiled_rows<Q5_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-      case Q6_K: return mul_mat_tiled_rows<Q6_K>(xp, M, K, rp, row_bytes, yp, N, n0, n1);
-    }
+    with_type(type, [&](auto t) { mul_mat_tiled_rows<decltype(t)::value>(xp, M, K, rp, row_bytes, yp, N, n0, n1); });
   });
   return y;
 }
@@ -669,16 +664,7 @@ torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N * num_blocks, 256, [&](int64_t begin, int64_t end) {
-    switch (type) {
-      case Q4_0: return dequantize_blocks<Q4_0>(rp, op, begin, end);
-      case Q4_1: return dequantize_blocks<Q4_1>(rp, op, begin, end);
-      case Q5_0: return dequantize_blocks<Q5_0>(rp, op, begin, end);
-      case Q5_1: return dequantize_blocks<Q5_1>(rp, op, begin, end);
-      case Q8_0: return dequantize_blocks<Q8_0>(rp, op, begin, end);
-      case Q4_K: return dequantize_blocks<Q4_K>(rp, op, begin, end);
-      case Q5_K: return dequantize_blocks<Q5_K>(rp, op, begin, end);
-      case Q6_K: return dequantize_blocks<Q6_K>(rp, op, begin, end);
-    }
+    with_type(type, [&](auto t) { dequantize_blocks<decltype(t)::value>(rp, op, begin, end); });
   });
   return out;
 }
