@@ -1,4 +1,4 @@
-"""Float linear layers prepacked for oneDNN (pagedllm.core.layers.dense) against F.linear in float64."""
+"""Float linear layers packed at load (pagedllm.core.layers.dense: the panel kernel, oneDNN) against F.linear in float64."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_merged_linear_with_bias_matches_float64(rows):
     for shard, piece in enumerate(bias.split([64, 32, 32])):
         layer.load_weight("bias", shard, piece)
     process_weights_after_loading(layer)
-    assert layer.weight.is_mkldnn and layer.weight.shape == (128, 96)
+    assert dense.is_packed(layer.weight)
     x = torch.randn(rows, 160)[:, 32:128]  # a strided view, as attention outputs and splits are
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 128)
@@ -61,7 +61,7 @@ def test_tied_embedding_keeps_rows_and_packs_for_logits():
     assert torch.equal(emb(ids), table[ids])
     hidden = torch.randn(4, 32)
     torch.testing.assert_close(emb.logits(hidden).double(), _reference(hidden, table), atol=1e-4, rtol=1e-5)
-    assert emb.packed_weight.is_mkldnn
+    assert dense.is_packed(emb.packed_weight)
 
 
 def test_switch_off_keeps_plain_weights(monkeypatch):
@@ -69,6 +69,77 @@ def test_switch_off_keeps_plain_weights(monkeypatch):
     layer = Linear(32, 16, prefix="down_proj")
     layer.load_weight("weight", None, torch.randn(16, 32))
     process_weights_after_loading(layer)
-    assert not layer.weight.is_mkldnn
+    assert not dense.is_packed(layer.weight)
     x = torch.randn(3, 32)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def _panel_ops():
+    ops = dense._panel_ops()
+    if ops is None:
+        pytest.skip("the panel kernel is not built here (no C++ tool chain)")
+    return ops
+
+
+@pytest.mark.parametrize("out_features", [1, 47, 100, 193])
+@pytest.mark.parametrize("in_features", [1, 3, 517, 1100])
+def test_panel_kernel_matches_float64_on_ragged_shapes(out_features, in_features):
+    """Output counts that are not a whole number of panels, inputs longer than one k chunk."""
+    _panel_ops()
+    torch.manual_seed(out_features * 7919 + in_features)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    packed = dense.prepack(weight)
+    assert packed.dim() == 3 and not packed.is_mkldnn
+    assert torch.equal(dense.unpack(packed, out_features), weight)
+    for rows in (1, 5, 9, 17, 200, 401):  # partial micro-blocks; several row blocks past 192 rows
+        x = torch.randn(rows, in_features + 3)[:, 2 : 2 + in_features]  # strided rows
+        got = dense.linear(x, packed, bias, out_features)
+        assert got.shape == (rows, out_features)
+        torch.testing.assert_close(got.double(), _reference(x, weight, bias), atol=2e-5 * in_features**0.5, rtol=1e-5)
+
+
+def test_panel_kernel_row_results_do_not_depend_on_the_batch_or_threads():
+    """Each output is one in-order chain over the inputs: a row gets the same bits alone, in any batch, on any thread count."""
+    _panel_ops()
+    torch.manual_seed(0)
+    weight = torch.randn(150, 1300)
+    packed = dense.prepack(weight)
+    x = torch.randn(300, 1300)
+    batched = dense.linear(x, packed, None, 150)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single_thread = dense.linear(x, packed, None, 150)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched, single_thread)
+    for row in (0, 7, 8, 191, 192, 299):
+        for size in (1, 3, 64):
+            chunk = x[row : row + size]
+            assert torch.equal(dense.linear(chunk, packed, None, 150)[0], batched[row])
+
+
+def test_panel_kernel_takes_leading_dims_and_refuses_bad_operands():
+    ops = _panel_ops()
+    torch.manual_seed(0)
+    weight = torch.randn(20, 12)
+    packed = dense.prepack(weight)
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(dense.linear(x, packed, None, 20).double(), _reference(x, weight), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out_features"):
+        dense.linear(x, packed, None)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear(torch.randn(2, 13), packed, None, 20)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.linear(torch.randn(2, 12), packed, None, 200)
+
+
+def test_panel_switch_packs_float32_for_onednn(monkeypatch):
+    monkeypatch.setenv(dense.PANEL_SWITCH, "0")
+    layer = Linear(32, 16, prefix="down_proj")
+    weight = torch.randn(16, 32)
+    layer.load_weight("weight", None, weight)
+    process_weights_after_loading(layer)
+    assert layer.weight.is_mkldnn
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x).double(), _reference(x, weight), atol=1e-5, rtol=1e-5)

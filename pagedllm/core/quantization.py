@@ -58,7 +58,7 @@ class LinearMethod:
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A float weight ``[out, in]`` and ``F.linear`` (on CPU, oneDNN with the weight prepacked): the default."""
+    """A float weight ``[out, in]`` and ``F.linear`` (on CPU, a kernel with the weight packed at load): the default."""
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype), requires_grad=False)
@@ -72,7 +72,7 @@ class UnquantizedLinearMethod(LinearMethod):
         rows.copy_(tensor)
 
     def process_weights_after_loading(self, layer):
-        """On CPU, prepack the weight for oneDNN's matmul (see :mod:`pagedllm.core.layers.dense`).
+        """On CPU, pack the weight once for the matmul kernel (see :mod:`pagedllm.core.layers.dense`).
 
         The packed tensor replaces ``layer.weight``. An embedding table keeps its rows for
         lookups and is packed only if it also serves as the (tied) LM head: on first use.
@@ -90,7 +90,7 @@ class UnquantizedLinearMethod(LinearMethod):
             if not hasattr(layer, "packed_weight"):
                 layer.packed_weight = dense.prepack(weight) if dense.can_prepack(weight) else None
             weight = layer.packed_weight if layer.packed_weight is not None else weight
-        return dense.linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)
+        return dense.linear(x, weight, bias, layer.out_features) if dense.is_packed(weight) else F.linear(x, weight, bias)
 
     def embedding(self, layer, token_ids):
         return F.embedding(token_ids, layer.weight)

@@ -1,7 +1,7 @@
 """Fused CPU kernels of the layer helpers (RMSNorm + residual, SiLU-and-mul, RoPE) and the sampler (argmax), with torch fallbacks.
 
-On CPU each runs as one C++ op (``csrc/fused_ops.cpp``, built on first use and cached by
-torch under ``~/.cache/torch_extensions``) instead of 3-9 torch ops with temporaries: at
+On CPU each runs as one C++ op (``csrc/fused_ops.cpp``, built on first use together with
+``csrc/dense_gemm.cpp`` and cached by torch under ``~/.cache/torch_extensions``) instead of 3-9 torch ops with temporaries: at
 decode batch sizes those ops are tiny and their dispatch was most of their cost. Elsewhere
 (CUDA, no C++ tool chain) the same functions run the torch ops they replace.
 """
@@ -16,28 +16,37 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("fused_ops.cpp", "dense_gemm.cpp")]
 
 
 @functools.cache
-def _load_ops():
-    """The op namespace ``torch.ops.pagedllm_ops``, or None (with a warning) without a tool chain."""
+def load_cpu_ops() -> bool:
+    """Build (once per machine) and load the C++ ops ``torch.ops.pagedllm_ops`` and ``torch.ops.pagedllm_dense``.
+
+    False, with a warning, without a tool chain; callers then run the torch ops instead.
+    """
     try:
         from torch.utils.cpp_extension import load
 
         load(
-            name="pagedllm_fused_ops",
-            sources=[str(_SOURCE)],
+            name="pagedllm_cpu_ops",
+            sources=[str(path) for path in _SOURCES],
             # -fopenmp: without it ATen's parallel_for (an inline template) compiles to a serial loop.
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
-        return torch.ops.pagedllm_ops
+        return True
     except Exception as exc:  # no compiler, no ninja, ...
-        logger.warning("pagedllm: fused CPU kernels unavailable (%s); using torch ops", exc)
-        return None
+        logger.warning("pagedllm: C++ CPU kernels unavailable (%s); using torch ops", exc)
+        return False
+
+
+@functools.cache
+def _load_ops():
+    """The op namespace ``torch.ops.pagedllm_ops``, or None without a tool chain."""
+    return torch.ops.pagedllm_ops if load_cpu_ops() else None
 
 
 def _cpu_ops(x: torch.Tensor):

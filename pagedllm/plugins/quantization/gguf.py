@@ -85,18 +85,20 @@ def _float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Dense:
-    """A float weight [rows, in]; on CPU prepacked for oneDNN, as the float path's linears are."""
+    """A float weight [rows, in]; on CPU packed once, as the float path's linears are."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         weight = weight.to(dtype)
+        self.rows = weight.shape[0]
         self.weight = dense.prepack(weight) if dense.can_prepack(weight) else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.weight.is_mkldnn:
+        if not dense.is_packed(self.weight):
             return F.linear(x, self.weight.to(x.dtype))
         if x.dtype == self.weight.dtype:
-            return dense.linear(x, self.weight, None)
-        return F.linear(x, self.weight.to_dense().to(x.dtype))  # activations in another dtype: rare, unpacked per call
+            return dense.linear(x, self.weight, None, self.rows)
+        # activations in another dtype: rare, unpacked per call
+        return F.linear(x, dense.unpack(self.weight, self.rows).to(x.dtype))
 
 
 class _Dequant:
