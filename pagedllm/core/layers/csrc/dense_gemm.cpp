@@ -34,6 +34,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -201,12 +205,28 @@ constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMR>{});
 inline int64_t num_k_chunks(int64_t K) { return std::max<int64_t>(1, (K + kKC - 1) / kKC); }
 inline int64_t k_chunk_begin(int64_t K, int64_t chunks, int64_t i) { return K * i / chunks; }
 
+// Weights are streamed from memory on every call: on 2 MiB pages a panel stream crosses a
+// page (a TLB miss, and the end of the hardware prefetchers' reach) every 2 MiB, not every
+// 4 KiB. A hint (Linux, transparent huge pages in "madvise" mode); given before the pages
+// are first touched, as the kernel only backs a fault with a huge page then.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) / kHuge * kHuge, last = end / kHuge * kHuge;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
               "pack: expected a float32 [out_features, in_features] CPU weight");
   const auto w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), panels = (N + kNR - 1) / kNR;
-  auto packed = at::zeros({panels, K, kNR}, w.options());
+  auto packed = at::empty({panels, K, kNR}, w.options());
+  advise_huge_pages(packed);
+  packed.zero_();
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
