@@ -27,7 +27,7 @@ def load_kernel():
         from torch.utils.cpp_extension import load
 
         load(
-            name="pagedllm_paged_attention_v4",
+            name="pagedllm_paged_attention_v5",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

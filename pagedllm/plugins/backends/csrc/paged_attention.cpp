@@ -75,6 +75,29 @@ inline void prefetch_tile_l2(const T* tile, int64_t num_elems) {
   for (int64_t off = 0; off < num_elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
+// The tiles one thread will read, in the order it reads them, so that each read can ask
+// for the one kStreamAhead tiles later (into L2) and the next one (into L1). Decode reads
+// scattered 4 KiB tiles from memory and computes little on each: only many tiles in flight
+// keep the bandwidth up, and a prefetch that looks ahead across chunks and requests does.
+#ifndef PAGEDLLM_STREAM_AHEAD
+#define PAGEDLLM_STREAM_AHEAD 6
+#endif
+constexpr int64_t kStreamAhead = PAGEDLLM_STREAM_AHEAD;
+
+struct TileStream {
+  std::vector<const char*> tiles;
+  int64_t tile_bytes = 0, pos = 0;
+  // Called as each tile is about to be read.
+  void next() {
+    const int64_t n = static_cast<int64_t>(tiles.size());
+    if (pos + 1 < n)
+      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(tiles[pos + 1] + off, 0, 3);
+    if (pos + kStreamAhead < n)
+      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(tiles[pos + kStreamAhead] + off, 0, 2);
+    ++pos;
+  }
+};
+
 // Strided [tokens, heads, head_dim] view of q, k or v (rows of a fused qkv tensor).
 template <typename T>
 struct Rows {
@@ -277,7 +300,7 @@ constexpr int64_t kChunkBlocks = 8;
 template <typename T, int D_>
 void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value_base, const int64_t* table,
                  int64_t key_begin, int64_t key_end, const int64_t* limit, const Geometry& g, int64_t kv_head,
-                 float* m, float* l, float* acc, float* s) {
+                 float* m, float* l, float* acc, float* s, TileStream* stream) {
   const int64_t D = D_ > 0 ? D_ : g.head_dim;
   const int64_t BS = D_ > 0 ? kBlock : g.block_size;
   const int64_t tile = D * BS, group = g.group, lds = kChunkBlocks * BS;
@@ -296,18 +319,22 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
     // whole next chunk (and, on the first, this chunk's keys and values) while this one is
     // computed. In a model the cache is cold (a layer's weights went through since this
     // layer's last step): one request for every line keeps many misses in flight at once.
-    if (b0 == key_begin / BS) {
+    // (With a stream, it looks ahead across chunks and work items instead.)
+    if (stream == nullptr && b0 == key_begin / BS) {
       for (int64_t i = 1; i < num_blocks; ++i) prefetch_tile_l2(key_tiles[i], tile);
       for (int64_t i = 0; i < num_blocks; ++i) prefetch_tile_l2(value_tiles[i], tile);
     }
-    for (int64_t i = b0 + kChunkBlocks; i < std::min(b0 + 2 * kChunkBlocks, end_block); ++i) {
+    for (int64_t i = b0 + kChunkBlocks; stream == nullptr && i < std::min(b0 + 2 * kChunkBlocks, end_block); ++i) {
       const int64_t tile_index = table[i] * g.num_kv_heads + kv_head;
       prefetch_tile_l2(key_base + tile_index * tile, tile);
       prefetch_tile_l2(value_base + tile_index * tile, tile);
     }
     for (int64_t i = 0; i < num_blocks; ++i) {
       // The tiles are scattered 4 KiB pieces: fetch the next one while this one is used.
-      prefetch_tile(i + 1 < num_blocks ? key_tiles[i + 1] : value_tiles[0], tile);
+      if (stream != nullptr)
+        stream->next();
+      else
+        prefetch_tile(i + 1 < num_blocks ? key_tiles[i + 1] : value_tiles[0], tile);
       if constexpr (D_ > 0)
         score_all<T, D_, kScoreRows>(q, rows, key_tiles[i], s + i * BS, lds);
       else
@@ -342,7 +369,9 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
     }
     for (int64_t i = 0; i < num_blocks; ++i) {
       const int64_t p0 = std::max(lo - i * BS, int64_t(0)), p1 = std::min(chunk_end - i * BS, BS);
-      if (i + 1 < num_blocks)
+      if (stream != nullptr)
+        stream->next();
+      else if (i + 1 < num_blocks)
         prefetch_tile(value_tiles[i + 1], tile);
       else if (b0 + num_blocks < end_block)
         prefetch_tile(key_base + (table[b0 + num_blocks] * g.num_kv_heads + kv_head) * tile, tile);
@@ -469,13 +498,57 @@ void attention(const Rows<T>& q, T* out, const C* key_base, const C* value_base,
   std::vector<float> partial(parts > 1 ? num_decode_items * group * (D + 2) : 0);
   const int64_t first_decode_item = num_items - num_decode_items;
 
+  // Work units, handed out dynamically: each prefill item alone (longest first), then the
+  // decode items in runs of about equal key count, each run read as one prefetched stream.
+  struct Unit {
+    int64_t begin, end;  // items [begin, end)
+    bool stream;
+  };
+  std::vector<Unit> units;
+  for (int64_t i = 0; i < first_decode_item; ++i) units.push_back({i, i + 1, false});
+  auto decode_blocks = [&](const Item& it) { return (it.end + BS - 1) / BS - it.begin / BS; };
+  int64_t total_blocks = 0;
+  for (int64_t i = first_decode_item; i < num_items; ++i) total_blocks += decode_blocks(items[i]);
+  const int64_t num_runs = std::max<int64_t>(1, std::min(num_decode_items, 4 * num_threads));
+  for (int64_t i = first_decode_item, start = first_decode_item, done = 0, run = 1; i < num_items; ++i) {
+    done += decode_blocks(items[i]);
+    if (done * num_runs >= run * total_blocks || i + 1 == num_items) {
+      units.push_back({start, i + 1, true});
+      start = i + 1;
+      while (done * num_runs >= run * total_blocks && run < num_runs) ++run;
+    }
+  }
+  const int64_t num_units = units.size();
+
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> qf(kQueryTile * group * D), m(kQueryTile * group), l(kQueryTile * group),
         acc(kQueryTile * group * D), s(kQueryTile * group * kChunkBlocks * BS);
     int64_t limit[kQueryTile];
+    TileStream stream;
+    stream.tile_bytes = g.tile() * static_cast<int64_t>(sizeof(C));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t index = 0; index < num_items; ++index) {
+    for (int64_t u = 0; u < num_units; ++u) {
+     const Unit unit = units[u];
+     if (unit.stream) {  // the run's tiles in attend_rows' order: per chunk, its key tiles, then its value tiles
+       stream.tiles.clear();
+       stream.pos = 0;
+       for (int64_t index = unit.begin; index < unit.end; ++index) {
+         const Item it = items[index];
+         const int64_t* table = tables + it.req * max_blocks;
+         const int64_t end_block = (it.end + BS - 1) / BS;
+         for (int64_t b0 = it.begin / BS; b0 < end_block; b0 += kChunkBlocks) {
+           const int64_t b1 = std::min(b0 + kChunkBlocks, end_block);
+           for (const C* base : {key_base, value_base})
+             for (int64_t b = b0; b < b1; ++b)
+               stream.tiles.push_back(reinterpret_cast<const char*>(base + (table[b] * g.num_kv_heads + it.kv_head) * g.tile()));
+         }
+       }
+       // The first tiles: nothing read before them asked for them.
+       for (int64_t i = 0; i < std::min<int64_t>(kStreamAhead, stream.tiles.size()); ++i)
+         for (int64_t off = 0; off < stream.tile_bytes; off += 64) __builtin_prefetch(stream.tiles[i] + off, 0, 2);
+     }
+     for (int64_t index = unit.begin; index < unit.end; ++index) {
       const Item it = items[index];
       const bool is_decode = it.req < num_decodes;
       const int64_t first_token = is_decode ? it.req : it.begin;
@@ -498,7 +571,8 @@ void attention(const Rows<T>& q, T* out, const C* key_base, const C* value_base,
       const int64_t key_begin = is_decode ? it.begin : 0;
       const int64_t key_end = is_decode ? it.end : limit[num_tokens - 1] + 1;
       attend_rows<C, D_>(qf.data(), rows, key_base, value_base, tables + it.req * max_blocks, key_begin, key_end,
-                              limit, g, it.kv_head, m.data(), l.data(), acc.data(), s.data());
+                              limit, g, it.kv_head, m.data(), l.data(), acc.data(), s.data(),
+                              unit.stream ? &stream : nullptr);
       if (is_decode && parts > 1) {
         float* dst = partial.data() + (index - first_decode_item) * group * (D + 2);
         for (int64_t r = 0; r < rows; ++r) {
@@ -516,6 +590,7 @@ void attention(const Rows<T>& q, T* out, const C* key_base, const C* value_base,
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
         }
       }
+     }
     }
   }
   if (parts == 1) return;
