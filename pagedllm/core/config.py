@@ -59,6 +59,7 @@ class DeviceConfig:
     device: str = _opt("auto", "cpu, cuda or auto.")
     attention_backend: str = _opt("auto", "Attention backend plugin name; auto: 'cpu' on CPU, 'torch' elsewhere.")
     num_threads: int | None = _opt(None, "Torch intra-op threads on CPU; default: the number of cores.")
+    keep_freed_memory: bool = _opt(True, "On CPU (Linux, glibc): keep freed activation memory in the process for reuse instead of returning it to the OS after every step (fewer page faults; resident memory stays at the step's peak).")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.core.config import EngineConfig, parse_size
+from pagedllm.core.cpu_allocator import keep_freed_memory
 from pagedllm.core.detokenizer import IncrementalDetokenizer
 from pagedllm.core.guided import GUIDED_KEY, GuidedMaskStage, StructuredOutputs
 from pagedllm.core.kv_cache import KVCacheManager
@@ -58,6 +59,8 @@ class LLMEngine:
         hf_config = self.source.hf_config
         self.hf_config = hf_config
         self.device = _resolve_device(config.device_config.device)
+        if self.device.type == "cpu" and config.device_config.keep_freed_memory:
+            keep_freed_memory()
         self.dtype = _resolve_dtype(mc.dtype, self.device, self.source.checkpoint_dtype)
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = mc.max_model_len or model_max
