@@ -2,7 +2,9 @@
 head_dim 64, block size 16): decode batches and prefill chunks, one layer's call.
 
 Prints the best of 21 calls, the KV bytes read per second (decode is bound by them) and the
-attention GFLOP/s. For comparison, `python -c "from pagedllm.bench import machine; print(machine.measure())"`
+attention GFLOP/s. Those calls find the cache warm; the last line is the decode step of a
+model instead: 64 requests of 128-640 positions over 30 layers' caches (1.1 GB) with the
+blocks scattered, each layer called once in turn, the median of 5 passes. For comparison, `python -c "from pagedllm.bench import machine; print(machine.measure())"`
 gives this machine's read bandwidth.
 
     python benchmarks/paged_attention.py
@@ -50,3 +52,40 @@ for n, ctx in ((4, 512), (8, 256), (1, 2048)):
 print("---")
 for n, ctx in ((64, 16), (64, 32), (64, 64), (256, 128), (16, 1024), (1, 2048)):
     bench("decode", n, ctx)
+
+
+def bench_cold(n=64, layers=30, seed=0):
+    """Decode as in a model: each layer's cache is cold when its turn comes, blocks scattered."""
+    import statistics
+
+    from pagedllm.core.model_runner import _zeros_on_huge_pages
+
+    g = torch.Generator().manual_seed(seed)
+    ctxs = torch.randint(128, 640, (n,), generator=g)
+    blocks_per = [(int(c) + BS - 1) // BS for c in ctxs]
+    nb = sum(blocks_per)
+    perm = torch.randperm(nb, generator=g)
+    tables = torch.zeros(n, max(blocks_per), dtype=torch.long)
+    start = 0
+    for r, count in enumerate(blocks_per):
+        tables[r, :count] = perm[start : start + count]
+        start += count
+    caches = [_zeros_on_huge_pages((2, nb, KV, BS * D), torch.float32, torch.device("cpu")).normal_() for _ in range(layers)]
+    slots = torch.tensor([int(tables[r, (int(c) - 1) // BS]) * BS + (int(c) - 1) % BS for r, c in enumerate(ctxs)])
+    qkv = torch.randn(n, (H + 2 * KV) * D)
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    q, k, v = q.view(n, H, D), k.view(n, KV, D), v.view(n, KV, D)
+    sc, qsl = torch.ones(2), torch.arange(n + 1)
+    ts = []
+    for _ in range(5):
+        for cache in caches:
+            s = time.perf_counter()
+            op(q, k, v, cache, sc, slots, tables, ctxs, qsl, n, BS, 0.125)
+            ts.append(time.perf_counter() - s)
+    t = statistics.median(ts)
+    kvbytes = int(ctxs.sum()) * KV * D * 2 * 4
+    print(f"cold decode n={n} avg ctx={float(ctxs.float().mean()):.0f}, {layers} layers: {t*1e3:.2f} ms a layer  {kvbytes/t/1e9:6.1f} GB/s")
+
+
+print("---")
+bench_cold()

@@ -94,19 +94,17 @@ def run_compare(args) -> int:
                     run_serve(url, model_name, workloads.offline(vocab, 2, 8, 16, 4, 1, name="W3"), 2)  # warm-up
                     record(rep(lambda: run_serve(url, model_name, wl["W3"], 16, system=f"{name}, server, 16 clients")))
     if "transformers" in args.systems:
-        from pagedllm.bench.cli import _transformers_best
-        from pagedllm.bench.offline import load_transformers, run_transformers
+        # In a fresh process: pagedllm's engine changes process-wide settings (the C allocator's,
+        # pagedllm.core.cpu_allocator) that transformers' own users do not have.
+        import concurrent.futures
+        import multiprocessing
 
-        model = load_transformers(source)
-        # W3's transformers figure is static batching of W1's requests offline: W1's runs, relabelled.
-        offline_runs = None
-        for key in ("W1", "W3"):
-            if key in wl:
-                offline_runs = offline_runs or _transformers_best(model, wl[key], args.hf_batch_sizes, args.repeats)
-                record([dataclasses.replace(run, workload=key) for run in offline_runs])
-        if "W2" in wl:
-            record(rep(lambda: run_transformers(model, wl["W2"], 1)))
-        del model
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            runs = pool.submit(run_transformers_workloads, source, wl, args.hf_batch_sizes, args.repeats, args.threads).result()
+        for key in ("W1", "W3", "W2"):
+            if key in runs:
+                record(runs[key])
     if "llama.cpp" in args.systems:
         from pagedllm.bench.llamacpp import LlamaCpp
 
@@ -130,6 +128,27 @@ def run_compare(args) -> int:
     if args.json_path:
         write_json(args.json_path, {"ceilings": ceilings, "results": results, "ratios": ratios, "fractions": fractions})
     return 0
+
+
+def run_transformers_workloads(source, wl: dict, batch_sizes: list[int], repeats: int, threads: int) -> dict:
+    """transformers' runs of W1-W3 (those in ``wl``): workload name -> its runs."""
+    import torch
+
+    from pagedllm.bench.cli import _transformers_best
+    from pagedllm.bench.offline import load_transformers, run_transformers
+
+    torch.set_num_threads(threads)
+    model = load_transformers(source)
+    runs: dict[str, list[RunResult]] = {}
+    # W3's transformers figure is static batching of W1's requests offline: W1's runs, relabelled.
+    offline_runs = None
+    for key in ("W1", "W3"):
+        if key in wl:
+            offline_runs = offline_runs or _transformers_best(model, wl[key], batch_sizes, repeats)
+            runs[key] = [dataclasses.replace(run, workload=key) for run in offline_runs]
+    if "W2" in wl:
+        runs["W2"] = [run_transformers(model, wl["W2"], 1) for _ in range(repeats)]
+    return runs
 
 
 def _model_bytes(model) -> int:

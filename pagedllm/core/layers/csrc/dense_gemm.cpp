@@ -51,17 +51,11 @@ constexpr int kNR = 16;
 constexpr int kMR = 4;
 #endif
 
-// in_features chunk: a panel chunk (kKC * kNR floats, 96 KiB with AVX-512) and the rows' x
-// chunks stay in L2 while a block of rows is computed.
-#ifndef DG_KC
-#define DG_KC 1024
-#endif
-constexpr int64_t kKC = DG_KC;
-// Rows per block: their x chunks (kMC * kKC floats) stay in L2 while a thread walks its panels.
-#ifndef DG_MC
-#define DG_MC 192
-#endif
-constexpr int64_t kMC = DG_MC;
+// in_features chunk: with AVX-512 a panel's chunk is kKC * kNR floats (192 KiB); it stays in
+// L2 while a block of rows is computed. (SmolLM2's 576 inputs are one chunk, its 1536 two.)
+constexpr int64_t kKC = 1024;
+// Rows per block: their x chunks (at most kMC * kKC floats) stay in L2 while a thread walks its panels.
+constexpr int64_t kMC = 192;
 
 inline void prefetch_l2(const char* p, int64_t lines) {
   for (int64_t i = 0; i < lines; ++i) __builtin_prefetch(p + 64 * i, 0, 2);
