@@ -20,7 +20,8 @@ def keep_freed_memory() -> bool:
     step page-faults them in again, freshly zeroed: W1 took 330k minor faults and ran 5 % slower.
     With these settings the blocks come from the heap and freed memory stays there (up to
     2 GiB at its top), so a step reuses the pages the last one warmed. Resident memory stays
-    at the peak of a step instead of falling back between steps.
+    at the peak of a step instead of falling back between steps. The engine calls this once its
+    model is loaded: loading's buffers are used once, and may as well go back to the OS.
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False

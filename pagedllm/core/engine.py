@@ -59,8 +59,6 @@ class LLMEngine:
         hf_config = self.source.hf_config
         self.hf_config = hf_config
         self.device = _resolve_device(config.device_config.device)
-        if self.device.type == "cpu" and config.device_config.keep_freed_memory:
-            keep_freed_memory()
         self.dtype = _resolve_dtype(mc.dtype, self.device, self.source.checkpoint_dtype)
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = mc.max_model_len or model_max
@@ -100,6 +98,8 @@ class LLMEngine:
             self.plugins, config.structured_output_config, self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         torch.manual_seed(mc.seed)  # requests without a seed draw from the global generator
+        if self.device.type == "cpu" and config.device_config.keep_freed_memory:
+            keep_freed_memory()  # for the steps' activations; after loading, whose buffers are used once
         logger.info(
             "pagedllm engine: model=%s arch=%s dtype=%s device=%s kv_blocks=%d x %d tokens (%s) backend=%s",
             self.source.path, architectures[0], self.dtype, self.device, num_blocks, cc.block_size,
