@@ -1,9 +1,10 @@
 """Fused CPU kernels of the layer helpers (RMSNorm + residual, SiLU-and-mul, RoPE) and the sampler (argmax), with torch fallbacks.
 
 On CPU each runs as one C++ op (``csrc/fused_ops.cpp``, built on first use together with
-``csrc/dense_gemm.cpp`` and cached by torch under ``~/.cache/torch_extensions``) instead of 3-9 torch ops with temporaries: at
-decode batch sizes those ops are tiny and their dispatch was most of their cost. Elsewhere
-(CUDA, no C++ tool chain) the same functions run the torch ops they replace.
+``csrc/dense_gemm.cpp`` and cached by torch under ``~/.cache/torch_extensions``) instead of
+3-9 torch ops with temporaries: at decode batch sizes those ops are tiny and their dispatch
+was most of their cost. Elsewhere (CUDA, no C++ tool chain) the same functions run the torch
+ops they replace.
 """
 
 from __future__ import annotations
