@@ -61,6 +61,25 @@ inline void prefetch_l2(const char* p, int64_t lines) {
   for (int64_t i = 0; i < lines; ++i) __builtin_prefetch(p + 64 * i, 0, 2);
 }
 
+// step(k) for k = 0..kc-1 in order, four at a time, asking for pf_lines cache lines from pf
+// spread over the loop (an equal share every four k). The micro-kernels' shared loop.
+template <typename Step>
+__attribute__((always_inline)) inline void k_loop(int64_t kc, const char* pf, int64_t pf_lines, Step&& step) {
+  const int64_t per = (pf_lines * 4 + kc - 1) / std::max<int64_t>(kc, 1);
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    if (pf_lines > 0) {
+      const int64_t n = std::min(per, pf_lines);
+      prefetch_l2(pf, n);
+      pf += 64 * n;
+      pf_lines -= n;
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) step(k + u);
+  }
+  for (; k < kc; ++k) step(k);
+}
+
 #if defined(__AVX512F__)
 // c[MR][ncols] (row stride ldc) = (accumulate ? c : 0) + x[MR][kc] (row stride ldx) @ w[kc][kNR],
 // asking for pf_lines cache lines from pf along the way.
@@ -80,29 +99,7 @@ void micro_kernel(const float* __restrict__ x, int64_t ldx, const float* __restr
       acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
     }
   }
-  // Spread the prefetches over the loop: `per` lines every 4 k.
-  const int64_t per = (pf_lines * 4 + kc - 1) / std::max<int64_t>(kc, 1);
-  int64_t k = 0;
-  for (; k + 4 <= kc; k += 4) {
-    if (pf_lines > 0) {
-      const int64_t n = std::min(per, pf_lines);
-      prefetch_l2(pf, n);
-      pf += 64 * n;
-      pf_lines -= n;
-    }
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const float* wk = w + (k + u) * kNR;
-      const __m512 b0 = _mm512_loadu_ps(wk), b1 = _mm512_loadu_ps(wk + 16), b2 = _mm512_loadu_ps(wk + 32);
-      for (int r = 0; r < MR; ++r) {
-        const __m512 a = _mm512_set1_ps(x[r * ldx + k + u]);
-        acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-      }
-    }
-  }
-  for (; k < kc; ++k) {
+  k_loop(kc, pf, pf_lines, [&](int64_t k) __attribute__((always_inline)) {
     const float* wk = w + k * kNR;
     const __m512 b0 = _mm512_loadu_ps(wk), b1 = _mm512_loadu_ps(wk + 16), b2 = _mm512_loadu_ps(wk + 32);
     for (int r = 0; r < MR; ++r) {
@@ -111,7 +108,7 @@ void micro_kernel(const float* __restrict__ x, int64_t ldx, const float* __restr
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
     }
-  }
+  });
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
     _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
@@ -136,27 +133,7 @@ void micro_kernel(const float* __restrict__ x, int64_t ldx, const float* __restr
       acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     }
   }
-  const int64_t per = (pf_lines * 4 + kc - 1) / std::max<int64_t>(kc, 1);
-  int64_t k = 0;
-  for (; k + 4 <= kc; k += 4) {
-    if (pf_lines > 0) {
-      const int64_t n = std::min(per, pf_lines);
-      prefetch_l2(pf, n);
-      pf += 64 * n;
-      pf_lines -= n;
-    }
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const float* wk = w + (k + u) * kNR;
-      const __m256 b0 = _mm256_loadu_ps(wk), b1 = _mm256_loadu_ps(wk + 8);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 a = _mm256_broadcast_ss(x + r * ldx + k + u);
-        acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-      }
-    }
-  }
-  for (; k < kc; ++k) {
+  k_loop(kc, pf, pf_lines, [&](int64_t k) __attribute__((always_inline)) {
     const float* wk = w + k * kNR;
     const __m256 b0 = _mm256_loadu_ps(wk), b1 = _mm256_loadu_ps(wk + 8);
     for (int r = 0; r < MR; ++r) {
@@ -164,7 +141,7 @@ void micro_kernel(const float* __restrict__ x, int64_t ldx, const float* __restr
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
-  }
+  });
   for (int r = 0; r < MR; ++r) {
     _mm256_maskstore_ps(c + r * ldc, m0, acc[r][0]);
     _mm256_maskstore_ps(c + r * ldc + 8, m1, acc[r][1]);
@@ -177,10 +154,10 @@ void micro_kernel(const float* __restrict__ x, int64_t ldx, const float* __restr
   float acc[MR][kNR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < kNR; ++j) acc[r][j] = accumulate && j < ncols ? c[r * ldc + j] : 0.f;
-  prefetch_l2(pf, pf_lines);
-  for (int64_t k = 0; k < kc; ++k)
+  k_loop(kc, pf, pf_lines, [&](int64_t k) {
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < kNR; ++j) acc[r][j] = __builtin_fmaf(x[r * ldx + k], w[k * kNR + j], acc[r][j]);
+  });
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < ncols; ++j) c[r * ldc + j] = acc[r][j];
 }

@@ -87,10 +87,8 @@ struct TileStream {
   // Called as each tile is about to be read.
   void next() {
     const int64_t n = static_cast<int64_t>(tiles.size());
-    if (pos + 1 < n)
-      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(tiles[pos + 1] + off, 0, 3);
-    if (pos + kStreamAhead < n)
-      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(tiles[pos + kStreamAhead] + off, 0, 2);
+    if (pos + 1 < n) prefetch_tile(tiles[pos + 1], tile_bytes);
+    if (pos + kStreamAhead < n) prefetch_tile_l2(tiles[pos + kStreamAhead], tile_bytes);
     ++pos;
   }
 };
@@ -541,7 +539,7 @@ void attention(const Rows<T>& q, T* out, const C* key_base, const C* value_base,
       }
       // The first tiles: nothing read before them asked for them.
       for (int64_t i = 0; i < std::min<int64_t>(kStreamAhead, stream.tiles.size()); ++i)
-        for (int64_t off = 0; off < stream.tile_bytes; off += 64) __builtin_prefetch(stream.tiles[i] + off, 0, 2);
+        prefetch_tile_l2(stream.tiles[i], stream.tile_bytes);
     };
     // One work item: its query rows attend its keys; the result is written out (or kept, for a part).
     auto run_item = [&](int64_t index, TileStream* tile_stream) {
