@@ -114,6 +114,24 @@ def test_row_tiled_kernel_takes_any_number_of_rows_and_columns(type_name):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.skipif(gguf_method.load_kernels() is None, reason="no C++ tool chain")
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_decode_kernel_takes_long_rows(type_name):
+    """Rows of 67 and 131 blocks: past the kernel's 64-block chunks of scales, odd block counts."""
+    raw, qtype = TENSORS[type_name]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    kernels = gguf_method.load_kernels()
+    generator = torch.Generator().manual_seed(2)
+    for num_blocks in (67, 131):
+        wide = torch.cat([raw] * (num_blocks * block_bytes // raw.shape[1] + 1), dim=1)[:, : num_blocks * block_bytes]
+        weight = dequantize(wide.contiguous(), qtype)
+        for num_tokens in (1, 2, 5):
+            x = torch.randn(num_tokens, weight.shape[1], generator=generator)
+            expected = x.double() @ weight.double().T
+            got = kernels.gguf_mul_mat(x, wide, int(qtype))
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
 def _rounded_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x as llama.cpp's Q8_0 activations hold it: per 32 values, d = max|x| / 127 and round(x / d) * d."""
     blocks = x.reshape(x.shape[0], -1, 32)
