@@ -75,21 +75,22 @@ inline void prefetch_tile_l2(const T* tile, int64_t num_elems) {
   for (int64_t off = 0; off < num_elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
-// The tiles one thread will read, in the order it reads them, so that each read can ask
-// for the one kStreamAhead tiles later (into L2) and the next one (into L1). Decode reads
-// scattered 4 KiB tiles from memory and computes little on each: only many tiles in flight
-// keep the bandwidth up, and a prefetch that looks ahead across chunks and requests does.
-constexpr int64_t kStreamAhead = 6;  // 4 to 32 measured alike (1.6-1.7 ms a cold layer at batch 64)
+// The tiles one thread will read, in the order it reads them, so that the product on each
+// tile can ask for the one kStreamAhead tiles later, a line per row it reads. Decode reads
+// scattered 4 KiB tiles from memory and computes little on each: the reads must overlap
+// the arithmetic. A tile's 64 prefetches issued in one burst fill the core's miss queue and
+// stall it (a quarter of the kernel's samples sat on them); spread over the tile's
+// arithmetic they keep the queue busy without stopping it.
+constexpr int64_t kStreamAhead = 4;
 
 struct TileStream {
   std::vector<const char*> tiles;
   int64_t tile_bytes = 0, pos = 0;
-  // Called as each tile is about to be read.
-  void next() {
-    const int64_t n = static_cast<int64_t>(tiles.size());
-    if (pos + 1 < n) prefetch_tile(tiles[pos + 1], tile_bytes);
-    if (pos + kStreamAhead < n) prefetch_tile_l2(tiles[pos + kStreamAhead], tile_bytes);
+  // Called as each tile is about to be read: the tile to prefetch while reading it, or null.
+  const char* next() {
+    const int64_t ahead = pos + kStreamAhead;
     ++pos;
+    return ahead < static_cast<int64_t>(tiles.size()) ? tiles[ahead] : nullptr;
   }
 };
 
@@ -195,12 +196,15 @@ inline void softmax_row(float* __restrict__ sr, int64_t width, int64_t lo, int64
 // Scores of NR query rows (q [NR][D]) against one key tile [D][16] into s (row stride
 // ldq). The accumulators stay in registers; S interleaved partial sums over d give the
 // FMA pipes enough independent chains when NR is small.
+// pf: a tile to prefetch into L2 meanwhile (or null), one line per key row.
 template <typename T, int D, int NR>
-inline void score_rows(const float* __restrict__ q, const T* __restrict__ kt, float* __restrict__ s, int64_t lds) {
+inline void score_rows(const float* __restrict__ q, const T* __restrict__ kt, float* __restrict__ s, int64_t lds,
+                       const char* pf) {
   constexpr int S = NR * kLanesPerBlock >= 8 ? 1 : (NR * kLanesPerBlock >= 4 ? 2 : 4);
   vf a[S][NR][kLanesPerBlock] = {};
   for (int d = 0; d < D; d += S) {
     for (int i = 0; i < S; ++i) {
+      if (pf != nullptr) __builtin_prefetch(pf + (d + i) * kBlock * sizeof(T), 0, 2);
       vf k[kLanesPerBlock];
       for (int c = 0; c < kLanesPerBlock; ++c) k[c] = LoadVec<T>::apply(kt + (d + i) * kBlock + c * kVL);
       for (int r = 0; r < NR; ++r)
@@ -217,15 +221,17 @@ inline void score_rows(const float* __restrict__ q, const T* __restrict__ kt, fl
 
 // acc [NR][D] += sum over positions [p0, p1) of probs[r][p] * value[p] (probs row stride
 // ldp), value tile [16][D].
+// pf: as in score_rows, one line per value row's 64 bytes (a short block prefetches less).
 template <typename T, int D, int NR>
 inline void accumulate_rows(const float* __restrict__ probs, int64_t ldp, const T* __restrict__ vt, int64_t p0,
-                            int64_t p1, float* __restrict__ acc) {
+                            int64_t p1, float* __restrict__ acc, const char* pf) {
   constexpr int C = D / kVL;
   vf a[NR][C];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kVL);
   for (int64_t p = p0; p < p1; ++p) {
     for (int c = 0; c < C; ++c) {
+      if (pf != nullptr && c * kVL * sizeof(T) % 64 == 0) __builtin_prefetch(pf + (p * D + c * kVL) * sizeof(T), 0, 2);
       const vf v = LoadVec<T>::apply(vt + p * D + c * kVL);
       for (int r = 0; r < NR; ++r) a[r][c] += probs[r * ldp + p] * v;
     }
@@ -241,22 +247,23 @@ constexpr int value_rows() {
 }
 constexpr int kScoreRows = 8 / kLanesPerBlock;
 
+// The row blocks of one tile; the first of them prefetches pf.
 template <typename T, int D, int NR>
-inline void score_all(const float* q, int64_t rows, const T* kt, float* s, int64_t lds) {
+inline void score_all(const float* q, int64_t rows, const T* kt, float* s, int64_t lds, const char* pf) {
   int64_t r = 0;
-  for (; r + NR <= rows; r += NR) score_rows<T, D, NR>(q + r * D, kt, s + r * lds, lds);
+  for (; r + NR <= rows; r += NR, pf = nullptr) score_rows<T, D, NR>(q + r * D, kt, s + r * lds, lds, pf);
   if constexpr (NR > 1) {
-    if (r < rows) score_all<T, D, NR - 1>(q + r * D, rows - r, kt, s + r * lds, lds);
+    if (r < rows) score_all<T, D, NR - 1>(q + r * D, rows - r, kt, s + r * lds, lds, pf);
   }
 }
 
 template <typename T, int D, int NR>
 inline void accumulate_all(const float* s, int64_t lds, int64_t rows, const T* vt, int64_t p0, int64_t p1,
-                           float* acc) {
+                           float* acc, const char* pf) {
   int64_t r = 0;
-  for (; r + NR <= rows; r += NR) accumulate_rows<T, D, NR>(s + r * lds, lds, vt, p0, p1, acc + r * D);
+  for (; r + NR <= rows; r += NR, pf = nullptr) accumulate_rows<T, D, NR>(s + r * lds, lds, vt, p0, p1, acc + r * D, pf);
   if constexpr (NR > 1) {
-    if (r < rows) accumulate_all<T, D, NR - 1>(s + r * lds, lds, rows - r, vt, p0, p1, acc + r * D);
+    if (r < rows) accumulate_all<T, D, NR - 1>(s + r * lds, lds, rows - r, vt, p0, p1, acc + r * D, pf);
   }
 }
 
@@ -326,14 +333,17 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
     }
     for (int64_t i = 0; i < num_blocks; ++i) {
       // The tiles are scattered 4 KiB pieces: fetch the next one while this one is used.
+      const char* pf = nullptr;
       if (stream != nullptr)
-        stream->next();
+        pf = stream->next();
       else
         prefetch_tile(i + 1 < num_blocks ? key_tiles[i + 1] : value_tiles[0], tile);
       if constexpr (D_ > 0)
-        score_all<T, D_, kScoreRows>(q, rows, key_tiles[i], s + i * BS, lds);
-      else
+        score_all<T, D_, kScoreRows>(q, rows, key_tiles[i], s + i * BS, lds, pf);
+      else {
+        if (pf != nullptr) prefetch_tile_l2(pf, tile);
         score_generic<T>(q, rows, key_tiles[i], s + i * BS, lds, D, BS);
+      }
     }
     // Online softmax over the chunk: row r sees chunk positions [lo, hi_r).
     const int64_t lo = std::max(key_begin - base, int64_t(0));
@@ -364,16 +374,19 @@ void attend_rows(const float* q, int64_t rows, const T* key_base, const T* value
     }
     for (int64_t i = 0; i < num_blocks; ++i) {
       const int64_t p0 = std::max(lo - i * BS, int64_t(0)), p1 = std::min(chunk_end - i * BS, BS);
+      const char* pf = nullptr;
       if (stream != nullptr)
-        stream->next();
+        pf = stream->next();
       else if (i + 1 < num_blocks)
         prefetch_tile(value_tiles[i + 1], tile);
       else if (b0 + num_blocks < end_block)
         prefetch_tile(key_base + (table[b0 + num_blocks] * g.num_kv_heads + kv_head) * tile, tile);
       if constexpr (D_ > 0)
-        accumulate_all<T, D_, value_rows<D_>()>(s + i * BS, lds, rows, value_tiles[i], p0, p1, acc);
-      else
+        accumulate_all<T, D_, value_rows<D_>()>(s + i * BS, lds, rows, value_tiles[i], p0, p1, acc, pf);
+      else {
+        if (pf != nullptr) prefetch_tile_l2(pf, tile);
         accumulate_generic<T>(s + i * BS, lds, rows, value_tiles[i], p0, p1, acc, D);
+      }
     }
   }
 }
