@@ -143,3 +143,35 @@ def test_panel_switch_packs_float32_for_onednn(monkeypatch):
     assert layer.weight.is_mkldnn
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x).double(), _reference(x, weight), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("intermediate", [96, 40])  # whole panels (fused in the product), and not (separate ops)
+@pytest.mark.parametrize("rows", [1, 5, 64, 401])
+@pytest.mark.parametrize("in_features", [64, 1100])  # 1100: two chunks of the panel kernel's in_features loop
+def test_gate_up_silu_and_mul_matches_the_separate_ops(intermediate, rows, in_features):
+    from pagedllm.core.layers.fused import silu_and_mul
+
+    torch.manual_seed(rows + intermediate)
+    layer = MergedLinear(in_features, [intermediate] * 2, prefix="mlp.gate_up_proj")
+    gate, up = torch.randn(intermediate, in_features) / 8, torch.randn(intermediate, in_features) / 8
+    layer.load_weight("weight", 0, gate)
+    layer.load_weight("weight", 1, up)
+    process_weights_after_loading(layer)
+    x = torch.randn(rows, in_features)
+    got = layer.silu_and_mul(x)
+    assert got.shape == (rows, intermediate)
+    assert torch.equal(got, silu_and_mul(layer(x)))  # bit for bit: same tiles, same epilogue arithmetic
+    g, u = _reference(x, gate), _reference(x, up)
+    torch.testing.assert_close(got.double(), F.silu(g) * u, atol=1e-4, rtol=1e-4)
+    fused = dense.can_fuse_silu_and_mul(layer.weight, layer.output_sizes, x)
+    width = layer.weight.shape[2] if layer.weight.dim() == 3 else None
+    assert fused == (width is not None and intermediate % width == 0)
+
+
+def test_fused_silu_and_mul_rejects_halves_that_are_not_whole_panels():
+    if not dense.can_prepack(torch.zeros(2, 2)) or dense._panel_ops() is None:
+        pytest.skip("no panel kernel")
+    width = torch.ops.pagedllm_dense.panel_width()
+    packed = dense.prepack(torch.randn(2 * width + 2, 8))
+    with pytest.raises(RuntimeError, match="whole panels"):
+        dense.linear_silu_and_mul(torch.randn(3, 8), packed, 2 * width + 2)

@@ -47,6 +47,8 @@ VARIANTS = {
     "llama": ("llama", {}),
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),
+    # An MLP of whole kernel panels (96 = 2 x 48 = 6 x 16): the CPU's gate | up product applies silu-and-mul itself.
+    "llama-mlp-96": ("llama", {"intermediate_size": 96}),
     # RoPE scaling variants as Llama 3.1 and long-context Qwen2 configs declare them.
     "llama-rope-llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),

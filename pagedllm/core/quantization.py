@@ -52,6 +52,16 @@ class LinearMethod:
         """``[num_tokens, in] -> [num_tokens, out]`` in ``x.dtype``."""
         raise NotImplementedError
 
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``silu(gate) * up`` of a merged gate | up layer's output, ``[num_tokens, out / 2]``.
+
+        The default applies the layer, then the fused op; a method whose kernel can apply it
+        to each tile of the product as it is computed overrides this.
+        """
+        from pagedllm.core.layers.fused import silu_and_mul
+
+        return silu_and_mul(self.apply(layer, x, bias))
+
     def embedding(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows ``W[token_ids]`` in the compute dtype (methods used for embeddings only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve an embedding")
@@ -91,6 +101,13 @@ class UnquantizedLinearMethod(LinearMethod):
                 layer.packed_weight = dense.prepack(weight) if dense.can_prepack(weight) else None
             weight = layer.packed_weight if layer.packed_weight is not None else weight
         return dense.linear(x, weight, bias, layer.out_features) if dense.is_packed(weight) else F.linear(x, weight, bias)
+
+    def apply_silu_and_mul(self, layer, x, bias):
+        from pagedllm.core.layers import dense
+
+        if bias is None and dense.can_fuse_silu_and_mul(layer.weight, layer.output_sizes, x):
+            return dense.linear_silu_and_mul(x, layer.weight, layer.out_features)
+        return super().apply_silu_and_mul(layer, x, bias)
 
     def embedding(self, layer, token_ids):
         return F.embedding(token_ids, layer.weight)

@@ -85,6 +85,21 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     return torch.ops.pagedllm_dense.linear(rows, packed, bias, out_features).view(*x.shape[:-1], out_features)
 
 
+def can_fuse_silu_and_mul(packed: torch.Tensor, output_sizes: list[int], x: torch.Tensor) -> bool:
+    """Whether :func:`linear_silu_and_mul` takes this gate | up weight: panel-packed, two equal
+    halves of whole panels, and float32 rows of ``x``."""
+    if packed.dim() != 3 or len(output_sizes) != 2 or output_sizes[0] != output_sizes[1]:
+        return False
+    return output_sizes[0] % packed.shape[2] == 0 and x.dim() == 2 and x.dtype == packed.dtype and (x.stride(1) == 1 or x.shape[1] <= 1)
+
+
+def linear_silu_and_mul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``silu_and_mul(x @ W.T)`` for a gate | up weight, in one pass: each tile of the gate and up
+    products is combined as soon as both are computed, so the ``[rows, out]`` product is never
+    stored (bit for bit the separate ops' result). Check :func:`can_fuse_silu_and_mul` first."""
+    return torch.ops.pagedllm_dense.linear_silu_mul(x, packed, out_features)
+
+
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The plain ``[out, in]`` weight back from :func:`prepack`'s result (for the rare caller that needs it)."""
     if packed.is_mkldnn:

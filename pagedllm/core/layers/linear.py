@@ -84,6 +84,11 @@ class MergedLinear(Linear):
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split(self.output_sizes, dim=-1))
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of this (gate | up) layer's output, ``[num_tokens, out / 2]``:
+        fused into the product where the method's kernel can."""
+        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+
 
 class VocabEmbedding(Linear):
     """Token embedding [vocab_size, hidden_size]; also the LM head when the embedding is tied.

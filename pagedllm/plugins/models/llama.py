@@ -10,7 +10,6 @@ from torch import nn
 from pagedllm.core.attention import AttentionMetadata
 from pagedllm.core.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from pagedllm.core.layers.attention import KV_SCALE_NAMES
-from pagedllm.core.layers.fused import silu_and_mul
 from pagedllm.core.layers.linear import find_layer
 from pagedllm.core.model_spec import KVCacheSpec, ModelContext
 
@@ -54,7 +53,7 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama plugin (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate]
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x))  # silu(gate) * up: [num_tokens, intermediate]
 
 
 class LlamaDecoderLayer(nn.Module):

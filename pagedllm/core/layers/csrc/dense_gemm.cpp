@@ -33,6 +33,9 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
+
+#include "cpu_math.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -211,17 +214,87 @@ at::Tensor pack(const at::Tensor& weight) {
   return packed;
 }
 
-// x: [M, K] float32 with contiguous rows; packed: pack()'s [panels, K, kNR]; bias: [N] or
-// undefined. Returns [M, N].
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N) {
-  RECORD_FUNCTION("pagedllm::dense_linear", std::vector<c10::IValue>({x}));
+void check_operands(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && (x.stride(1) == 1 || x.size(1) <= 1),
               "dense linear: x must be float32 [rows, in_features] with contiguous rows");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kNR && packed.is_contiguous() && packed.scalar_type() == at::kFloat,
               "dense linear: the weight was not packed by this build (panel width ", kNR, ")");
-  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
-  TORCH_CHECK(packed.size(1) == K, "dense linear: x has ", K, " features, the weight ", packed.size(1));
+  const int64_t panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == x.size(1), "dense linear: x has ", x.size(1), " features, the weight ", packed.size(1));
   TORCH_CHECK(N > (panels - 1) * kNR && N <= panels * kNR, "dense linear: ", N, " outputs do not match ", panels, " panels");
+}
+
+// The product's work, split over the threads. The output columns come in groups of
+// `group` panels read one after the other for the same rows (1: a plain product; 2: the
+// panels j and j + panels / 2 of a gate | up weight). For each (row block, group) item,
+// tile(mb, j, i, c, ldc) says where panel i of group j writes its columns, and done(m0, m1, j)
+// runs once the group's panels are complete for rows [m0, m1).
+template <typename Tile, typename Done>
+void run_panels(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t panels, int64_t group,
+                int64_t N, Tile&& tile, Done&& done) {
+  const int64_t kchunks = num_k_chunks(K), groups = panels / group;
+  // Row blocks of at most kMC rows, in whole micro-kernel blocks, as even as those allow. When
+  // there are several, their number is a multiple of the thread count: the threads split the
+  // (row block, group) items evenly, so each then takes whole row blocks of about equal size.
+  const int64_t micro_blocks = (M + kMR - 1) / kMR;
+  int64_t row_blocks = (M + kMC - 1) / kMC;
+  if (row_blocks > 1) {
+    const int64_t threads = at::get_num_threads();
+    row_blocks = std::min(micro_blocks, (row_blocks + threads - 1) / threads * threads);
+  }
+  auto block_begin = [&](int64_t mb) { return std::min(M, micro_blocks * mb / row_blocks * kMR); };
+  // The panel that group j's i-th read is.
+  auto panel_of = [&](int64_t j, int64_t i) { return j + i * groups; };
+  // Work items (row block, group), row block major: a thread takes a contiguous run, so it
+  // keeps its rows' x in cache and walks the panels in memory order.
+  const int64_t items = row_blocks * groups;
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(2 * group * (M / row_blocks + 1) * K * kNR, 1));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t mb = item / groups, j = item % groups;
+      const int64_t m0 = block_begin(mb), m1 = block_begin(mb + 1);
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t p = panel_of(j, i);
+        const int ncols = static_cast<int>(std::min<int64_t>(kNR, N - p * kNR));
+        const float* panel = wp + p * K * kNR;
+        float* c;
+        int64_t ldc;
+        tile(m0, j, i, &c, &ldc);
+        for (int64_t kb = 0; kb < kchunks; ++kb) {
+          const int64_t k0 = k_chunk_begin(K, kchunks, kb), k1 = k_chunk_begin(K, kchunks, kb + 1);
+          // What this thread reads next: the panel's next chunk, or the next panel.
+          const char* next = nullptr;
+          int64_t next_lines = 0;
+          if (kb + 1 < kchunks) {
+            next = reinterpret_cast<const char*>(panel + k1 * kNR);
+            next_lines = (k_chunk_begin(K, kchunks, kb + 2) - k1) * kNR * 4 / 64;
+          } else if (i + 1 < group || item + 1 < end) {
+            const int64_t np = i + 1 < group ? panel_of(j, i + 1) : panel_of((item + 1) % groups, 0);
+            next = reinterpret_cast<const char*>(wp + np * K * kNR);
+            next_lines = (k_chunk_begin(K, kchunks, 1)) * kNR * 4 / 64;
+          }
+          const int64_t blocks = (m1 - m0 + kMR - 1) / kMR;
+          const int64_t lines_per_block = (next_lines + blocks - 1) / blocks;
+          for (int64_t r = m0, b = 0; r < m1; r += kMR, ++b) {
+            const int rows = static_cast<int>(std::min<int64_t>(kMR, m1 - r));
+            const int64_t pf_lines = std::max<int64_t>(0, std::min(lines_per_block, next_lines - b * lines_per_block));
+            kernels[rows - 1](xp + r * ldx + k0, ldx, panel + k0 * kNR, k1 - k0, c + (r - m0) * ldc, ldc, ncols, kb > 0,
+                              next + 64 * b * lines_per_block, pf_lines);
+          }
+        }
+      }
+      done(m0, m1, j);
+    }
+  });
+}
+
+// x: [M, K] float32 with contiguous rows; packed: pack()'s [panels, K, kNR]; bias: [N] or
+// undefined. Returns [M, N].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N) {
+  RECORD_FUNCTION("pagedllm::dense_linear", std::vector<c10::IValue>({x}));
+  check_operands(x, packed, N);
+  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
   const float* b = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -231,57 +304,49 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   }
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ldx = x.stride(0), kchunks = num_k_chunks(K);
-  // Row blocks of at most kMC rows, in whole micro-kernel blocks, as even as those allow. When
-  // there are several, their number is a multiple of the thread count: the threads split the
-  // (row block, panel) items evenly, so each then takes whole row blocks of about equal size.
-  const int64_t micro_blocks = (M + kMR - 1) / kMR;
-  int64_t row_blocks = (M + kMC - 1) / kMC;
-  if (row_blocks > 1) {
-    const int64_t threads = at::get_num_threads();
-    row_blocks = std::min(micro_blocks, (row_blocks + threads - 1) / threads * threads);
-  }
-  auto block_begin = [&](int64_t mb) { return std::min(M, micro_blocks * mb / row_blocks * kMR); };
-  // Work items (row block, panel), row block major: a thread takes a contiguous run, so it
-  // keeps its rows' x in cache and walks the panels in memory order.
-  const int64_t items = row_blocks * panels;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(2 * (M / row_blocks + 1) * K * kNR, 1));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t mb = item / panels, p = item % panels;
-      const int64_t m0 = block_begin(mb), m1 = block_begin(mb + 1);
-      const int ncols = static_cast<int>(std::min<int64_t>(kNR, N - p * kNR));
-      const float* panel = wp + p * K * kNR;
-      for (int64_t kb = 0; kb < kchunks; ++kb) {
-        const int64_t k0 = k_chunk_begin(K, kchunks, kb), k1 = k_chunk_begin(K, kchunks, kb + 1);
-        // What this thread reads next: the panel's next chunk, or the next item's panel.
-        const char* next = nullptr;
-        int64_t next_lines = 0;
-        if (kb + 1 < kchunks) {
-          next = reinterpret_cast<const char*>(panel + k1 * kNR);
-          next_lines = (k_chunk_begin(K, kchunks, kb + 2) - k1) * kNR * 4 / 64;
-        } else if (item + 1 < end) {
-          const int64_t np = (item + 1) % panels;
-          next = reinterpret_cast<const char*>(wp + np * K * kNR);
-          next_lines = (k_chunk_begin(K, kchunks, 1)) * kNR * 4 / 64;
-        }
-        const int64_t blocks = (m1 - m0 + kMR - 1) / kMR;
-        const int64_t lines_per_block = (next_lines + blocks - 1) / blocks;
-        for (int64_t r = m0, i = 0; r < m1; r += kMR, ++i) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, m1 - r));
-          const int64_t pf_lines = std::max<int64_t>(0, std::min(lines_per_block, next_lines - i * lines_per_block));
-          kernels[rows - 1](xp + r * ldx + k0, ldx, panel + k0 * kNR, k1 - k0, op + r * N + p * kNR, N, ncols, kb > 0,
-                            next + 64 * i * lines_per_block, pf_lines);
-        }
-      }
-      if (b != nullptr)
-        for (int64_t r = m0; r < m1; ++r)
-          for (int j = 0; j < ncols; ++j) op[r * N + p * kNR + j] += b[p * kNR + j];
-    }
-  });
+  run_panels(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), panels, 1, N,
+             [&](int64_t m0, int64_t p, int64_t, float** c, int64_t* ldc) {
+               *c = op + m0 * N + p * kNR;
+               *ldc = N;
+             },
+             [&](int64_t m0, int64_t m1, int64_t p) {
+               if (b == nullptr) return;
+               const int64_t ncols = std::min<int64_t>(kNR, N - p * kNR);
+               for (int64_t r = m0; r < m1; ++r)
+                 for (int64_t j = 0; j < ncols; ++j) op[r * N + p * kNR + j] += b[p * kNR + j];
+             });
+  return out;
+}
+
+// silu(x @ G.T) * (x @ U.T) for a packed [G; U] weight (gate | up, N = 2 * I outputs with I a
+// multiple of the panel width): [M, I]. Each thread multiplies a row block by gate panel j,
+// then by up panel j, and writes silu(gate) * up from the two tiles, as fused_ops'
+// silu_and_mul computes it: the [M, 2 * I] product is never written out.
+// A thread's gate and up tiles of one row block: [2][kMC][kNR].
+thread_local std::vector<float> glu_tiles;
+
+at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  RECORD_FUNCTION("pagedllm::dense_linear_silu_mul", std::vector<c10::IValue>({x}));
+  check_operands(x, packed, N);
+  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0), I = N / 2;
+  TORCH_CHECK(N % 2 == 0 && I % kNR == 0, "linear_silu_mul: the gate and up halves (", N,
+              " outputs) must each be whole panels of ", kNR);
+  auto out = at::empty({M, I}, x.options());
+  if (M == 0) return out;
+  float* op = out.data_ptr<float>();
+  run_panels(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), panels, 2, N,
+             [&](int64_t, int64_t, int64_t i, float** c, int64_t* ldc) {
+               glu_tiles.resize(2 * kMC * kNR);
+               *c = glu_tiles.data() + i * kMC * kNR;
+               *ldc = kNR;
+             },
+             [&](int64_t m0, int64_t m1, int64_t j) {
+               const float* gate = glu_tiles.data();
+               const float* up = gate + kMC * kNR;
+               for (int64_t r = m0; r < m1; ++r)
+                 pagedllm_cpu::silu_mul_row(gate + (r - m0) * kNR, up + (r - m0) * kNR, op + r * I + j * kNR, kNR);
+             });
   return out;
 }
 
@@ -292,7 +357,9 @@ int64_t panel_width() { return kNR; }
 TORCH_LIBRARY(pagedllm_dense, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("linear_silu_mul(Tensor x, Tensor packed, int out_features) -> Tensor");
   m.impl("pack", c10::DispatchKey::CPU, &pack);
   m.impl("linear", c10::DispatchKey::CPU, &linear);
+  m.impl("linear_silu_mul", c10::DispatchKey::CPU, &linear_silu_mul);
   m.def("panel_width() -> int", &panel_width);
 }
