@@ -132,7 +132,9 @@ def pagedllm_register_quantization_methods(register: Register) -> None:
     - ``process_weights_after_loading(layer)``: repack for the kernel, once, after all
       weights are in;
     - ``apply(layer, x, bias) -> y``: ``x`` is ``[num_tokens, in_features]`` in the
-      compute dtype, ``y`` ``[num_tokens, out_features]`` in the same dtype.
+      compute dtype, ``y`` ``[num_tokens, out_features]`` in the same dtype;
+    - optionally ``apply_silu_and_mul(layer, x, bias)``: for a gate | up layer, ``silu(gate) *
+      up`` (``[num_tokens, out_features / 2]``); the default is ``apply``, then the fused op.
 
     Models never branch on a method: they pass ``ctx.quant_method`` and a prefix to each
     layer. Useful ``info`` keys: ``formats`` and ``devices`` (shown by
