@@ -272,8 +272,8 @@ inline void block_values16(const uint8_t* b, __m512* q, float* d, float* minimum
 // reads only the low 4 bits of each lane, so the low nibbles need no mask. A row's scales are
 // converted from float16 first, in a pass of their own. Per 32 weights that is one table, two
 // lookups and two FMAs per row of x, where converting the nibbles to floats and scaling the
-// block's sum costs about a third more vector work (Zen 4, one row: 580 against 450 million
-// blocks a second a core).
+// block's sum costs more vector work (Zen 4, one row of x, one core, benchmarks/gguf_decode.py:
+// 490-500 against 440 million blocks a second).
 template <int64_t TYPE, int ROWS>
 void rows_table_avx512(const float* x, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N,
                        int64_t n0, int64_t n1) {
