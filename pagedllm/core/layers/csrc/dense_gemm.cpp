@@ -227,7 +227,8 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
 // The product's work, split over the threads. The output columns come in groups of
 // `group` panels read one after the other for the same rows (1: a plain product; 2: the
 // panels j and j + panels / 2 of a gate | up weight). For each (row block, group) item,
-// tile(mb, j, i, c, ldc) says where panel i of group j writes its columns, and done(m0, m1, j)
+// tile(m0, j, i, &c, &ldc) says where panel i of group j writes the columns of rows from m0
+// on (row stride ldc; a row block has at most kMC rows), and done(m0, m1, j)
 // runs once the group's panels are complete for rows [m0, m1).
 template <typename Tile, typename Done>
 void run_panels(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t panels, int64_t group,
