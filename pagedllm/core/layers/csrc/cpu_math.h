@@ -1,5 +1,6 @@
 // Arithmetic shared by the CPU kernels of this extension (fused_ops.cpp, dense_gemm.cpp).
 // Both are compiled with -ffp-contract=off: the same expression rounds the same in each.
+// Not for files built with -ffast-math: it folds exp_approx's rounding trick away.
 #pragma once
 #include <algorithm>
 #include <cstdint>
