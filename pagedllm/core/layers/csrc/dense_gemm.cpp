@@ -320,13 +320,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   return out;
 }
 
+// A thread's gate and up tiles of one row block: [2][kMC][kNR].
+thread_local std::vector<float> glu_tiles;
+
 // silu(x @ G.T) * (x @ U.T) for a packed [G; U] weight (gate | up, N = 2 * I outputs with I a
 // multiple of the panel width): [M, I]. Each thread multiplies a row block by gate panel j,
 // then by up panel j, and writes silu(gate) * up from the two tiles, as fused_ops'
 // silu_and_mul computes it: the [M, 2 * I] product is never written out.
-// A thread's gate and up tiles of one row block: [2][kMC][kNR].
-thread_local std::vector<float> glu_tiles;
-
 at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   RECORD_FUNCTION("pagedllm::dense_linear_silu_mul", std::vector<c10::IValue>({x}));
   check_operands(x, packed, N);

@@ -246,24 +246,13 @@ constexpr int64_t kMaxRows = 8;
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// The same with 16 floats per register: half the conversions and FMAs of AVX2.
-template <int64_t TYPE>
-inline void block_values16(const uint8_t* b, __m512* q, float* d, float* minimum) {
-  if constexpr (TYPE == Q8_0) {
-    *d = f16c(b);
-    *minimum = 0.f;
-    for (int i = 0; i < 2; ++i) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * i));
-      q[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-    }
-  } else {
-    const uint8_t* qs = b + (TYPE == Q4_0 ? 2 : 4);
-    *d = f16c(b);
-    *minimum = TYPE == Q4_0 ? -8.f * *d : f16c(b + 2);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    q[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-    q[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+// The same with 16 floats per register (Q4_0 / Q4_1 take the table kernel below instead).
+// A Q8_0 block: its 32 values, unscaled, and d.
+inline void q8_0_values16(const uint8_t* b, __m512* q, float* d) {
+  *d = f16c(b);
+  for (int i = 0; i < 2; ++i) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * i));
+    q[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
   }
 }
 
@@ -323,37 +312,35 @@ void rows_table_avx512(const float* x, int64_t K, const uint8_t* raw, int64_t ro
   }
 }
 
-// Q8_0: ROWS (rows of x) is a compile-time constant so the accumulators live in registers.
+// Q4_0 / Q4_1 go to the table kernel; Q8_0 (no min term) is the loop here. ROWS (rows of x) is
+// a compile-time constant so the accumulators live in registers.
 template <int64_t TYPE, int ROWS>
-void rows_avx512(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes,
-                 float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows_avx512(const float* x, int64_t K, const uint8_t* raw, int64_t row_bytes, float* y, int64_t N, int64_t n0,
+                 int64_t n1) {
   if constexpr (TYPE == Q4_0 || TYPE == Q4_1) {
-    return rows_table_avx512<TYPE, ROWS>(x, K, raw, row_bytes, y, N, n0, n1);
-  }
-  constexpr int64_t bytes = block_bytes<TYPE>();
-  const int64_t num_blocks = K / 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[ROWS];
-    float acc_min[ROWS];
-    for (int m = 0; m < ROWS; ++m) {
-      acc[m] = _mm512_setzero_ps();
-      acc_min[m] = 0.f;
-    }
-    const uint8_t* row = raw + n * row_bytes;
-    for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      __m512 q[2];
-      float d, minimum;
-      _mm_prefetch(reinterpret_cast<const char*>(row + blk * bytes + PAGEDLLM_PF), _MM_HINT_T0);
-      block_values16<TYPE>(row + blk * bytes, q, &d, &minimum);
-      const __m512 vd = _mm512_set1_ps(d);
-      for (int m = 0; m < ROWS; ++m) {
-        const float* xb = x + m * K + blk * 32;
-        const __m512 t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q[0], _mm512_loadu_ps(xb)));
-        acc[m] = _mm512_fmadd_ps(vd, t, acc[m]);
-        acc_min[m] += minimum * xsum[m * num_blocks + blk];
+    rows_table_avx512<TYPE, ROWS>(x, K, raw, row_bytes, y, N, n0, n1);
+  } else {
+    static_assert(TYPE == Q8_0, "the AVX-512 block kernels take Q4_0, Q4_1 and Q8_0");
+    constexpr int64_t bytes = block_bytes<TYPE>();
+    const int64_t num_blocks = K / 32;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc[ROWS];
+      for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+      const uint8_t* row = raw + n * row_bytes;
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        __m512 q[2];
+        float d;
+        _mm_prefetch(reinterpret_cast<const char*>(row + blk * bytes + PAGEDLLM_PF), _MM_HINT_T0);
+        q8_0_values16(row + blk * bytes, q, &d);
+        const __m512 vd = _mm512_set1_ps(d);
+        for (int m = 0; m < ROWS; ++m) {
+          const float* xb = x + m * K + blk * 32;
+          const __m512 t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q[0], _mm512_loadu_ps(xb)));
+          acc[m] = _mm512_fmadd_ps(vd, t, acc[m]);
+        }
       }
+      for (int m = 0; m < ROWS; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
     }
-    for (int m = 0; m < ROWS; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + acc_min[m];
   }
 }
 #endif
@@ -446,7 +433,7 @@ template <int64_t TYPE, int ROWS>
 void rows_simd(const float* x, int64_t K, const float* xsum, const uint8_t* raw, int64_t row_bytes, float* y,
                int64_t N, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
-  rows_avx512<TYPE, ROWS>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
+  rows_avx512<TYPE, ROWS>(x, K, raw, row_bytes, y, N, n0, n1);
 #else
   rows_avx2<TYPE, ROWS>(x, K, xsum, raw, row_bytes, y, N, n0, n1);
 #endif
@@ -655,13 +642,17 @@ torch::Tensor gguf_mul_mat(torch::Tensor x_in, torch::Tensor raw_in, int64_t typ
   const int64_t M = a.M, K = a.K, N = a.N, row_bytes = a.row_bytes;  // plain locals: lambdas capture them
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  thread_local std::vector<float> xsum;  // per 32 values of x: the min term's factor (kernels that use it)
+  // Per 32 values of x: the min term's factor, read only by the AVX2 kernels (AVX-512's fold the
+  // min into their tables; the generic kernel decodes whole weights).
+  thread_local std::vector<float> xsum;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
   xsum.resize(M * K / 32);
   for (int64_t i = 0; i < M * K / 32; ++i) {
     float sum = 0.f;
     for (int j = 0; j < 32; ++j) sum += xp[i * 32 + j];
     xsum[i] = sum;
   }
+#endif
   const float* sp = xsum.data();
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
