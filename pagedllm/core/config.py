@@ -29,6 +29,8 @@ class ModelConfig:
     chat_template: str | None = _opt(None, "Chat template (a Jinja string or a file path) replacing the model's.")
     quantization: str | None = _opt(None, "Quantization method plugin. Default: detected from config.json's quantization_config or the GGUF tensor types; a name (e.g. bitsandbytes) quantizes a float checkpoint on load; 'none' dequantizes a GGUF to float.")
     quantization_kernel: str = _opt("auto", "Kernel the quantization method uses (GGUF: blocks, int4pack, dequant); auto lets the method choose. For tests and benchmarks.")
+    enforce_eager: bool = _opt(False, "Run every step's Python eagerly: no decode graphs (steps of only decodes, traced once per batch size and replayed in C++; models, attention backends and linear methods that declare support).")
+    max_graph_batch_size: int = _opt(8, "Largest decode batch that runs as a traced graph (each batch size is traced once, on first use: ~0.1 s for a 30-layer model); larger batches run eagerly.")
     served_model_name: list[str] | None = _opt(None, "Name(s) the server accepts for the model; the first is the one reported. Default: the model path.")
 
 

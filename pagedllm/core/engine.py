@@ -86,12 +86,14 @@ class LLMEngine:
         self.model.load_weights(self.source.iter_weights(self.dtype, quantized=self.quant_method is not None))
         process_weights_after_loading(self.model)
         self.model.eval()
+        self.model.requires_grad_(False)  # inference only; a traced decode step takes the weights as constants
 
         spec: KVCacheSpec = self.model.kv_cache_spec()
         num_blocks = self._num_kv_blocks(spec)
         self.kv_cache = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, spec, self.kv_cache_dtype, self.device)
+        graph_batch = 0 if mc.enforce_eager else mc.max_graph_batch_size
+        self.runner = ModelRunner(self.model, self.kv_cache, spec, self.kv_cache_dtype, self.device, graph_batch)
         self.sampler = Sampler(self._logits_processors() + [GuidedMaskStage()], self.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, self.source.path)
         self.structured_outputs = StructuredOutputs(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pagedllm.core.attention import AttentionMetadata
+from pagedllm.core.graphs import DecodeGraphs
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.layers import Attention
 from pagedllm.core.model_spec import KVCacheSpec
@@ -35,7 +36,7 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCacheManager, spec: KVCacheSpec, kv_cache_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, max_graph_batch_size: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -52,6 +53,8 @@ class ModelRunner:
         self._buffers: dict[str, torch.Tensor] = {}
         # (request ids, their table versions, block-table rows) of the last step
         self._tables_cache: tuple[list[str], list[int], np.ndarray] | None = None
+        # Decode steps of up to this many requests replay a traced graph (0: always eager).
+        self.graphs = DecodeGraphs(model, max_graph_batch_size) if max_graph_batch_size > 0 else None
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
@@ -62,7 +65,9 @@ class ModelRunner:
             caches[:, :, dst] = caches[:, :, src]
 
         input_ids, positions, metadata, sample_rows, prompt_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden_size]
+        hidden = None if self.graphs is None else self.graphs.forward(input_ids, positions, metadata)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden_size]
 
         starts = metadata.query_start_loc_list
         if len(sample_rows) == len(starts) - 1 == starts[-1]:

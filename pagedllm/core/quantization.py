@@ -24,6 +24,10 @@ class LinearMethod:
     index (``layer.offsets[shard]`` is where its rows start).
     """
 
+    #: ``apply`` / ``embedding`` run only torch ops and branch only on shapes, so a traced
+    #: decode step records them (see :mod:`pagedllm.core.graphs`).
+    supports_decode_graphs = False
+
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], dtype: torch.dtype) -> None:
         """Register the parameters / buffers the checkpoint fills (``layer.register_buffer`` / ``nn.Parameter``).
 
@@ -69,6 +73,8 @@ class LinearMethod:
 
 class UnquantizedLinearMethod(LinearMethod):
     """A float weight ``[out, in]`` and ``F.linear`` (on CPU, a kernel with the weight packed at load): the default."""
+
+    supports_decode_graphs = True
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype), requires_grad=False)

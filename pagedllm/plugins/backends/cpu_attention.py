@@ -51,6 +51,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
         super().__init__(num_heads, head_dim, num_kv_heads, scale)
         self.kernel = load_kernel()
+        # One torch op a layer, reading the step from tensors: a traced decode step records it
+        # (without the kernel, the torch backend's loops read Python lists: no graphs).
+        self.supports_decode_graphs = self.kernel is not None
         self._unit_scales = torch.ones(2, dtype=torch.float32)  # the kernel reads scales only for an fp8 cache
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

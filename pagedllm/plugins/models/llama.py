@@ -97,6 +97,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_decode_graphs = True  # the forward branches on shapes only (pagedllm.core.graphs)
     # Hugging Face name fragment -> (our merged parameter, shard index).
     stacked_params = {
         ".q_proj.": (".qkv_proj.", 0),

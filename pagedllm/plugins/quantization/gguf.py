@@ -130,16 +130,21 @@ class _Blocks:
         self.raw, self.qtype, self.kernels = raw, int(qtype), kernels
         self.tile_rows = max(1, _TILE_ELEMENTS // in_features)
         self.mul_mat = kernels.gguf_mul_mat_q8 if q8 else kernels.gguf_mul_mat
+        # The same kernels as torch ops, for a traced step (the Python bindings are not recorded).
+        self.mul_mat_op = torch.ops.pagedllm_gguf.mul_mat_q8 if q8 else torch.ops.pagedllm_gguf.mul_mat
         self.tiled_max_rows = kernels.gguf_tiled_max_rows()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tracing = torch._C._get_tracing_state() is not None
         if x.dim() == 2 and x.shape[0] <= _MAX_BLOCK_ROWS and x.dtype == torch.float32:
-            return self.mul_mat(x, self.raw, self.qtype)  # decode: no reshapes or casts (~120 calls a token)
+            # decode: no reshapes or casts (~120 calls a token)
+            return (self.mul_mat_op if tracing else self.mul_mat)(x, self.raw, self.qtype)
         flat = x.reshape(-1, x.shape[-1]).float()
         if flat.shape[0] <= _MAX_BLOCK_ROWS:
-            y = self.mul_mat(flat, self.raw, self.qtype)
+            y = (self.mul_mat_op if tracing else self.mul_mat)(flat, self.raw, self.qtype)
         elif flat.shape[0] <= self.tiled_max_rows:
-            y = self.kernels.gguf_mul_mat_tiled(flat, self.raw, self.qtype)
+            tiled = torch.ops.pagedllm_gguf.mul_mat_tiled if tracing else self.kernels.gguf_mul_mat_tiled
+            y = tiled(flat, self.raw, self.qtype)
         else:
             rows = self.raw.shape[0]
             y = flat.new_empty(flat.shape[0], rows)
@@ -176,6 +181,12 @@ class GGUFLinearMethod(LinearMethod):
     def __init__(self, method: GGUFMethod, is_embedding: bool = False) -> None:
         self.method = method
         self.is_embedding = is_embedding
+
+    @property
+    def supports_decode_graphs(self) -> bool:
+        # The C++ kernels are torch ops too. The dequant path's float16 views of raw bytes are
+        # not: torch.jit's tracer cannot record ``view(dtype)``.
+        return self.method.kernel != "dequant" and load_kernels() is not None
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.gguf_types, layer.gguf_raw = {}, {}  # shard -> GGML type / raw blocks, until repacked
@@ -261,6 +272,9 @@ class GGUFLinearMethod(LinearMethod):
         rows = layer.gguf_raw[shard][token_ids.reshape(-1)]  # only the looked-up rows are dequantized
         if qtype in FLOAT_TYPES:
             values = rows.view(FLOAT_TYPES[qtype])
+        elif rows.device.type == "cpu" and self.method.kernel != "dequant" and load_kernels() is not None:
+            values = rows.new_empty((rows.shape[0], layer.in_features), dtype=torch.float32)
+            torch.ops.pagedllm_gguf.dequantize(rows, int(qtype), values)
         else:
             values = dequantize(rows, qtype)
         return values.to(layer.compute_dtype).reshape(*token_ids.shape, -1)

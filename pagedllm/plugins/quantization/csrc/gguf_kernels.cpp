@@ -725,6 +725,15 @@ torch::Tensor gguf_dequantize(torch::Tensor raw, int64_t type, torch::Tensor out
   return out;
 }
 
+// The products as torch ops too (torch.ops.pagedllm_gguf), so that a traced decode step
+// (pagedllm/core/graphs.py) records them; eager calls take the Python bindings below.
+TORCH_LIBRARY(pagedllm_gguf, m) {
+  m.def("mul_mat(Tensor x, Tensor raw, int type) -> Tensor", &gguf_mul_mat);
+  m.def("mul_mat_q8(Tensor x, Tensor raw, int type) -> Tensor", &gguf_mul_mat_q8);
+  m.def("mul_mat_tiled(Tensor x, Tensor raw, int type) -> Tensor", &gguf_mul_mat_tiled);
+  m.def("dequantize(Tensor raw, int type, Tensor(a!) out) -> Tensor(a!)", &gguf_dequantize);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_mul_mat", &gguf_mul_mat, "x @ W.T with W as raw GGUF blocks (float32, at most 8 rows of x)");
   m.def("gguf_mul_mat_q8", &gguf_mul_mat_q8, "gguf_mul_mat with x rounded to int8 per 32 values (llama.cpp's q8)");
