@@ -65,6 +65,12 @@ def test_larger_graph_batches_can_be_allowed(model_dir):
     assert sorted(llm.engine.runner.graphs.graphs) == [1, 3, 10]
 
 
+def test_max_graph_batch_size_is_checked(model_dir):
+    with pytest.raises(ValueError, match="max_graph_batch_size must be >= 0"):
+        _llm(model_dir, max_graph_batch_size=-1)
+    assert _llm(model_dir, max_graph_batch_size=0).engine.runner.graphs is None
+
+
 def test_parts_that_do_not_declare_support_run_eagerly(model_dir):
     llm = _llm(model_dir, attention_backend="torch")  # its decode loops read Python lists
     eager = _llm(model_dir, attention_backend="torch", enforce_eager=True)

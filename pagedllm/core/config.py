@@ -30,7 +30,7 @@ class ModelConfig:
     quantization: str | None = _opt(None, "Quantization method plugin. Default: detected from config.json's quantization_config or the GGUF tensor types; a name (e.g. bitsandbytes) quantizes a float checkpoint on load; 'none' dequantizes a GGUF to float.")
     quantization_kernel: str = _opt("auto", "Kernel the quantization method uses (GGUF: blocks, int4pack, dequant); auto lets the method choose. For tests and benchmarks.")
     enforce_eager: bool = _opt(False, "Run every step's Python eagerly: no decode graphs (steps of only decodes, traced once per batch size and replayed in C++; models, attention backends and linear methods that declare support).")
-    max_graph_batch_size: int = _opt(8, "Largest decode batch that runs as a traced graph (each batch size is traced once, on first use: ~0.1 s for a 30-layer model); larger batches run eagerly.")
+    max_graph_batch_size: int = _opt(8, "Largest decode batch that runs as a traced graph (each batch size is traced once, on first use: ~0.1 s for a 30-layer model); larger batches run eagerly. 0: none.")
     served_model_name: list[str] | None = _opt(None, "Name(s) the server accepts for the model; the first is the one reported. Default: the model path.")
 
 
@@ -150,6 +150,7 @@ class EngineConfig:
         check(self.device_config.device in ("auto", "cpu", "cuda") or self.device_config.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
         mml = self.model_config.max_model_len
         check(mml is None or mml >= 1, "max_model_len", "must be >= 1")
+        check(self.model_config.max_graph_batch_size >= 0, "max_graph_batch_size", "must be >= 0 (0: no decode graphs)")
         check(0 <= self.server_config.port <= 65535, "port", "must be in [0, 65535]")
         check(self.server_config.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
 

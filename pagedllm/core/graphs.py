@@ -102,4 +102,4 @@ class DecodeGraphs:
             logger.warning("pagedllm: decode graphs off, %s", self.disabled)
             return None
         self.graphs[args[0].shape[0]] = graph
-        return outputs[-1]
+        return outputs.pop()  # (the graph may keep ``step`` alive, but not this tensor)
