@@ -15,7 +15,12 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.testing.tiny import make_tiny_model
 
-GGUF_MIXED = Path(__file__).parent / "data" / "gguf" / "tiny-llama-mixed.gguf"  # every tensor in another GGUF type
+DATA = Path(__file__).parent / "data"
+GGUF_MIXED = DATA / "gguf" / "tiny-llama-mixed.gguf"  # every tensor in another GGUF type
+# Checkpoints written by GPTQModel, AutoAWQ's format and llm-compressor (tests/data/quant), with
+# the kernel each runs on CPU: aten's int4pack / int8pack matmuls, _int_mm, _scaled_mm.
+QUANTIZED = {"gptq-4bit-g128-actorder-sym": "auto", "gptq-8bit-gchannel-sym": "auto", "awq-gemm-4bit-g128": "auto",
+             "ct-w4a16": "auto", "ct-w8a8-int8": "auto", "ct-fp8-dynamic": "scaled_mm"}  # fmt: skip
 # Batches of 1, 3 and 10 requests with prompts of different lengths. Each batch's prompts are
 # prefilled in one step, and then every step decodes the whole batch: 1 and 3 go through
 # graphs, 10 is over the default max_graph_batch_size of 8.
@@ -57,6 +62,14 @@ def test_graph_steps_give_the_eager_steps_results(model_dir, model, options):
     assert traced.disabled is None
     assert sorted(traced.graphs) == [1, 3]  # the batch of 10 ran eagerly
     assert eager.engine.runner.graphs is None
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_graph_steps_of_integer_and_fp8_checkpoints_give_the_eager_steps_results(name):
+    path, kernel = DATA / "quant" / name, QUANTIZED[name]
+    graphs = _llm(path, quantization_kernel=kernel)
+    assert _generate(graphs) == _generate(_llm(path, quantization_kernel=kernel, enforce_eager=True))
+    assert graphs.engine.runner.graphs.disabled is None and sorted(graphs.engine.runner.graphs.graphs) == [1, 3]
 
 
 def test_larger_graph_batches_can_be_allowed(model_dir):

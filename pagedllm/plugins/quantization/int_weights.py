@@ -250,6 +250,12 @@ class IntLinearMethod(LinearMethod):
     def __init__(self, method) -> None:
         self.method = method  # the QuantizationMethod: name, kernel option, format settings
 
+    @property
+    def supports_decode_graphs(self) -> bool:
+        # torch ops only (aten's int4pack / int8pack matmuls, _int_mm, _scaled_mm, F.linear); the
+        # Triton kernel is launched from Python, which a trace does not record.
+        return self.method.kernel != "triton"
+
     def expected(self, in_features: int, rows: int) -> dict[str, tuple[tuple, tuple[torch.dtype, ...]]]:
         """name -> (shape or tuple of allowed shapes, allowed dtypes) of one shard's tensors."""
         raise NotImplementedError
