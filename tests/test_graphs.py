@@ -3,8 +3,10 @@ and whatever cannot be traced runs eagerly."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,12 +104,24 @@ def test_a_step_that_cannot_be_traced_runs_eagerly(model_dir, monkeypatch, caplo
     def failing_trace(*args, **kwargs):
         raise RuntimeError("an op the tracer cannot record")
 
-    monkeypatch.setattr(torch.jit, "trace", failing_trace)
+    monkeypatch.setattr(torch._C, "_create_graph_by_tracing", failing_trace)
     with caplog.at_level(logging.WARNING, logger="pagedllm.core.graphs"):
         assert _generate(llm) == expected
     graphs = llm.engine.runner.graphs
     assert "an op the tracer cannot record" in graphs.disabled and not graphs.graphs
     assert sum("decode graphs off" in r.getMessage() for r in caplog.records) == 1  # said once, not every step
+
+
+def test_an_engines_graphs_do_not_outlive_it(model_dir):
+    # torch.jit.trace keeps every traced function, with its constants (weights, KV cache), for
+    # the life of the process: the graphs live in a compilation unit of their own.
+    llm = _llm(model_dir)
+    _generate(llm)
+    assert llm.engine.runner.graphs.graphs
+    kv_cache, weight = weakref.ref(llm.engine.runner.kv_caches), weakref.ref(next(llm.engine.model.parameters()))
+    del llm
+    gc.collect()
+    assert kv_cache() is None and weight() is None
 
 
 def test_the_engines_first_step_runs_eagerly(model_dir):

@@ -77,24 +77,15 @@ class DecodeGraphs:
 
     def _trace(self, args: tuple[torch.Tensor, ...], batch: AttentionMetadata) -> torch.Tensor | None:
         """Trace this step (which runs it: its output is returned, not computed again)."""
-        model, outputs = self.model, []
+        model = self.model
 
         def step(input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc):
             metadata = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc, batch.num_decodes,
                                          batch.block_size, batch.seq_lens_list, batch.query_start_loc_list)  # fmt: skip
-            outputs.append(model(input_ids, positions, metadata))
-            return outputs[-1]
+            return model(input_ids, positions, metadata)
 
         try:
-            with warnings.catch_warnings():
-                # Shape checks (``x.shape[0] <= 8``) warn that the trace depends on them: it is
-                # meant to, a graph serves one batch size.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                # torch.jit is deprecated in favour of torch.compile / torch.export, whose CPU
-                # graphs take minutes to compile. Where a torch without torch.jit.trace
-                # raises, steps run eagerly (below).
-                warnings.simplefilter("ignore", DeprecationWarning)
-                graph = torch.jit.trace(step, args, check_trace=False)
+            graph, hidden = trace(step, args)
         except Exception as exc:  # an op the tracer cannot record: stay eager
             # The step runs again eagerly; what the partial run wrote to the KV cache (the
             # same keys and values at the same slots) is written again.
@@ -102,4 +93,24 @@ class DecodeGraphs:
             logger.warning("pagedllm: decode graphs off, %s", self.disabled)
             return None
         self.graphs[args[0].shape[0]] = graph
-        return outputs.pop()  # (the graph may keep ``step`` alive, but not this tensor)
+        return hidden
+
+
+def trace(fn, args: tuple[torch.Tensor, ...]) -> tuple[torch.jit.ScriptFunction, torch.Tensor]:
+    """``torch.jit.trace(fn, args)``, in a compilation unit of its own: (the graph, ``fn(*args)`` of the tracing run).
+
+    ``torch.jit.trace`` registers each traced function in torch.jit's one global compilation
+    unit, for the life of the process, and with it the tensors its graph holds as constants:
+    here the model's weights and KV cache, which would then outlive the engine. So this calls
+    the tracer that ``torch.jit.trace`` calls and puts the graph in a unit that lives as long
+    as the function. (torch.jit is deprecated in favour of torch.compile and torch.export,
+    whose CPU graphs take minutes to compile for a model; where a later torch drops these
+    entry points, the trace raises and steps run eagerly.)
+    """
+    with warnings.catch_warnings():
+        # Shape checks (``x.shape[0] <= 8``) warn that the trace depends on them: it is
+        # meant to, a graph serves one batch size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        graph, outputs = torch._C._create_graph_by_tracing(fn, args, lambda value: "", True, False)
+    (output,) = outputs
+    return torch.jit.CompilationUnit().create_function("decode_step", graph), output
