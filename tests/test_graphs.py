@@ -135,3 +135,20 @@ def test_the_engines_first_step_runs_eagerly(model_dir):
         outputs.append((out.token_ids, [{t: lp.logprob for t, lp in pos.items()} for pos in out.logprobs]))
     assert outputs[0] == outputs[1]
     assert list(llms[0].engine.runner.graphs.graphs) == [1]  # the steps after the first
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_gguf_float_embedding_is_traced(dtype):
+    from pagedllm.core.graphs import trace
+    from pagedllm.core.layers import VocabEmbedding
+    from pagedllm.plugins.quantization import gguf as gguf_method
+
+    qtype = next(t for t, d in gguf_method.FLOAT_TYPES.items() if d == dtype)
+    table = torch.randn(50, 64).to(dtype)
+    layer = VocabEmbedding(50, 64, gguf_method.GGUFMethod(), "token_embd")
+    layer.load_weight("qweight_type", None, torch.tensor(int(qtype)))
+    layer.load_weight("qweight", None, table.view(torch.uint8))  # the file's bytes: [rows, 64 x element size]
+    layer.quant_method.process_weights_after_loading(layer)
+    graph, rows = trace(layer, (torch.tensor([3, 7, 49]),))
+    assert torch.equal(rows, table[[3, 7, 49]].float())
+    assert torch.equal(graph(torch.tensor([1, 0, 12])), table[[1, 0, 12]].float())  # the lookup, not a constant

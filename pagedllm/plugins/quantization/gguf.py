@@ -232,6 +232,12 @@ class GGUFLinearMethod(LinearMethod):
         if not self.is_embedding:  # an embedding builds its kernels on first use as an LM head (tied)
             layer.gguf_parts = self._build_parts(layer)
             layer.gguf_raw, layer.gguf_merged = {}, {}
+            return
+        # A float table's bytes, viewed in its dtype once: a traced decode step cannot record
+        # ``view(dtype)`` (torch.jit's tracer), so lookups index this view.
+        ((shard, raw),) = layer.gguf_raw.items()
+        qtype = layer.gguf_types[shard]
+        layer.gguf_float_table = raw.view(FLOAT_TYPES[qtype]) if qtype in FLOAT_TYPES else None
 
     def _build_parts(self, layer) -> list:
         """One part per run of consecutive shards of one type (rows of one buffer), with its kernel."""
@@ -269,10 +275,12 @@ class GGUFLinearMethod(LinearMethod):
     def embedding(self, layer, token_ids):
         (shard,) = layer.gguf_raw  # an embedding is one tensor
         qtype = layer.gguf_types[shard]
-        rows = layer.gguf_raw[shard][token_ids.reshape(-1)]  # only the looked-up rows are dequantized
         if qtype in FLOAT_TYPES:
-            values = rows.view(FLOAT_TYPES[qtype])
-        elif rows.device.type == "cpu" and self.method.kernel != "dequant" and load_kernels() is not None:
+            table = getattr(layer, "gguf_float_table", None)
+            table = layer.gguf_raw[shard].view(FLOAT_TYPES[qtype]) if table is None else table
+            return table[token_ids.reshape(-1)].to(layer.compute_dtype).reshape(*token_ids.shape, -1)
+        rows = layer.gguf_raw[shard][token_ids.reshape(-1)]  # only the looked-up rows are dequantized
+        if rows.device.type == "cpu" and self.method.kernel != "dequant" and load_kernels() is not None:
             values = rows.new_empty((rows.shape[0], layer.in_features), dtype=torch.float32)
             torch.ops.pagedllm_gguf.dequantize(rows, int(qtype), values)
         else:
