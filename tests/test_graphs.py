@@ -19,7 +19,7 @@ from pagedllm.testing.tiny import make_tiny_model
 
 DATA = Path(__file__).parent / "data"
 GGUF_MIXED = DATA / "gguf" / "tiny-llama-mixed.gguf"  # every tensor in another GGUF type
-# Checkpoints written by GPTQModel, AutoAWQ's format and llm-compressor (tests/data/quant), with
+# Checkpoints written by GPTQModel (GPTQ and its AWQ method) and llm-compressor (tests/data/quant), with
 # the kernel each runs on CPU: aten's int4pack / int8pack matmuls, _int_mm, _scaled_mm.
 QUANTIZED = {"gptq-4bit-g128-actorder-sym": "auto", "gptq-8bit-gchannel-sym": "auto", "awq-gemm-4bit-g128": "auto",
              "ct-w4a16": "auto", "ct-w8a8-int8": "auto", "ct-fp8-dynamic": "scaled_mm"}  # fmt: skip
