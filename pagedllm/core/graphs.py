@@ -28,14 +28,13 @@ import torch
 from torch import nn
 
 from pagedllm.core.attention import AttentionMetadata
+from pagedllm.core.layers import Attention, Linear
 
 logger = logging.getLogger(__name__)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model``'s decode steps cannot be traced (the parts that do not declare it), or None."""
-    from pagedllm.core.layers import Attention, Linear
-
     missing = [] if getattr(model, "supports_decode_graphs", False) else [f"model {type(model).__name__}"]
     for module in model.modules():
         if isinstance(module, Attention) and not getattr(module.backend, "supports_decode_graphs", False):

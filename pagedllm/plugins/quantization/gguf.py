@@ -186,7 +186,7 @@ class GGUFLinearMethod(LinearMethod):
     def supports_decode_graphs(self) -> bool:
         # The C++ kernels are torch ops too. The dequant path's float16 views of raw bytes are
         # not: torch.jit's tracer cannot record ``view(dtype)``.
-        return self.method.kernel != "dequant" and load_kernels() is not None
+        return self._cpu_kernels(torch.device("cpu")) is not None  # (the C++ kernels run on CPU only)
 
     def create_weights(self, layer, in_features, output_sizes, dtype):
         layer.gguf_types, layer.gguf_raw = {}, {}  # shard -> GGML type / raw blocks, until repacked
@@ -258,12 +258,17 @@ class GGUFLinearMethod(LinearMethod):
     def _kernel(self, layer, qtype: GGML, raw: torch.Tensor):
         if qtype in FLOAT_TYPES:
             return _Dense(raw.view(FLOAT_TYPES[qtype]), layer.compute_dtype)
-        kernel, on_cpu = self.method.kernel, raw.device.type == "cpu"
+        kernel = self.method.kernel
         if kernel == "int4pack" and qtype in INT4PACK_TYPES:
             return _Int4Pack(raw, qtype)
-        if kernel != "dequant" and on_cpu and (kernels := load_kernels()) is not None:
+        if (kernels := self._cpu_kernels(raw.device)) is not None:
             return _Blocks(raw, qtype, layer.in_features, kernels, q8=kernel == "q8")
         return _Dequant(raw, qtype, layer.in_features)
+
+    def _cpu_kernels(self, device: torch.device):
+        """The C++ kernels where they run on ``device``'s tensors: on CPU, unless ``dequant`` is
+        forced, with a tool chain to build them. Else None (the torch dequantizer runs)."""
+        return load_kernels() if device.type == "cpu" and self.method.kernel != "dequant" else None
 
     def apply(self, layer, x, bias):
         if layer.gguf_parts is None:
@@ -280,7 +285,7 @@ class GGUFLinearMethod(LinearMethod):
             table = layer.gguf_raw[shard].view(FLOAT_TYPES[qtype]) if table is None else table
             return table[token_ids.reshape(-1)].to(layer.compute_dtype).reshape(*token_ids.shape, -1)
         rows = layer.gguf_raw[shard][token_ids.reshape(-1)]  # only the looked-up rows are dequantized
-        if rows.device.type == "cpu" and self.method.kernel != "dequant" and load_kernels() is not None:
+        if self._cpu_kernels(rows.device) is not None:
             values = rows.new_empty((rows.shape[0], layer.in_features), dtype=torch.float32)
             torch.ops.pagedllm_gguf.dequantize(rows, int(qtype), values)
         else:
