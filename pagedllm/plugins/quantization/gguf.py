@@ -136,12 +136,12 @@ class _Blocks:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tracing = torch._C._get_tracing_state() is not None
+        mul_mat = self.mul_mat_op if tracing else self.mul_mat
         if x.dim() == 2 and x.shape[0] <= _MAX_BLOCK_ROWS and x.dtype == torch.float32:
-            # decode: no reshapes or casts (~120 calls a token)
-            return (self.mul_mat_op if tracing else self.mul_mat)(x, self.raw, self.qtype)
+            return mul_mat(x, self.raw, self.qtype)  # decode: no reshapes or casts (~120 calls a token)
         flat = x.reshape(-1, x.shape[-1]).float()
         if flat.shape[0] <= _MAX_BLOCK_ROWS:
-            y = (self.mul_mat_op if tracing else self.mul_mat)(flat, self.raw, self.qtype)
+            y = mul_mat(flat, self.raw, self.qtype)
         elif flat.shape[0] <= self.tiled_max_rows:
             tiled = torch.ops.pagedllm_gguf.mul_mat_tiled if tracing else self.kernels.gguf_mul_mat_tiled
             y = tiled(flat, self.raw, self.qtype)
